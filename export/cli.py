@@ -1,0 +1,223 @@
+"""dg-export MODEL -o OUT: trace, convert, validate and write a self-describing artifact folder atomically."""
+
+import argparse
+import errno
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dg_runtime.artifact import FORMAT_VERSION, GRAPH_NAMES, write_manifest
+from dg_runtime.errors import UserError
+
+from . import __version__
+from .builtin import BUILTIN_ID, ensure_builtin
+from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
+
+FORMATS = {"onnx": ["onnx"], "openvino": ["openvino"], "both": ["onnx", "openvino"]}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="dg-export",
+        description="Export a DiffusionGemma checkpoint (hub id or local folder) to ONNX and/or OpenVINO.",
+    )
+    parser.add_argument("model", nargs="?", default=BUILTIN_ID,
+                        help=f"hub id or checkpoint folder (default: {BUILTIN_ID}, the embedded tiny model)")
+    parser.add_argument("-o", "--output", type=Path, help="artifact folder to write (default: ./<model name>.dg)")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="both", help="graph formats (default: both)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan from config.json alone and exit")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    parser.add_argument("--no-validate", action="store_true", help="skip the comparison with transformers")
+    parser.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed in validation (fp32)")
+    return parser.parse_args(argv)
+
+
+class Progress:
+    """Numbered stages on stderr, each closed with its duration: `[3/10] tracing denoiser to ONNX ... 41.2 s`."""
+
+    def __init__(self, stages: int):
+        self.total, self.done, self.started = stages, 0, time.perf_counter()
+
+    def stage(self, description: str):
+        self.description, self.stage_started = description, time.perf_counter()
+        print(f"[{self.done + 1}/{self.total}] {description} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.done += 1
+            print(f"      done in {time.perf_counter() - self.stage_started:.1f} s", file=sys.stderr, flush=True)
+
+    def close(self):
+        return time.perf_counter() - self.started
+
+
+def export(args) -> Path:
+    folder = ensure_builtin() if args.model == BUILTIN_ID else resolve(args.model, need_weights=not args.dry_run)
+    raw_config = read_config(folder)
+    formats = FORMATS[args.format]
+    if args.dry_run:
+        from .plan import print_plan
+        from .source import load_config
+
+        print_plan(load_config(folder), args.model, formats)
+        return folder
+    output = args.output or Path(f"{Path(args.model.replace(':', '-')).name}.dg")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"output folder {output} exists; pass --overwrite to replace it, or choose another -o")
+    check_files(folder)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared like any folder
+    try:
+        summary = write_artifact(args, folder, raw_config, formats, staging)
+        if output.exists():
+            old = staging.with_name(staging.name + ".old")
+            output.rename(old)
+            staging.rename(output)
+            shutil.rmtree(old)
+        else:
+            staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"\nwrote {output}: {summary}")
+    return output
+
+
+def write_artifact(args, folder: Path, raw_config: dict, formats: list[str], staging: Path) -> str:
+    from .graphs import graph_specs, kv_layout
+    from .onnx_graphs import WEIGHTS_FILE, share_weights, trace
+    from .source import load_model
+
+    progress = Progress(4 + 2 * len(GRAPH_NAMES) + ("openvino" in formats) + (not args.no_validate))
+    with progress.stage(f"loading {args.model}"):
+        model = load_model(folder)
+    config, text = model.config, model.config.text_config
+    specs = graph_specs(config)
+
+    onnx_dir = staging / "onnx"
+    onnx_dir.mkdir()
+    for graph in GRAPH_NAMES:
+        with progress.stage(f"tracing {graph} to ONNX"):
+            trace(model, graph, specs[graph], onnx_dir / f"{graph}.onnx")
+    with progress.stage("storing shared ONNX weights once"):
+        share_weights(onnx_dir, [f"{g}.onnx" for g in GRAPH_NAMES])
+    if "openvino" in formats:
+        from . import openvino_graphs
+
+        ov_dir = staging / "openvino"
+        ov_dir.mkdir()
+        for graph in GRAPH_NAMES:
+            with progress.stage(f"converting {graph} to OpenVINO IR"):
+                openvino_graphs.convert(onnx_dir / f"{graph}.onnx", ov_dir / f"{graph}.xml")
+        with progress.stage("storing shared OpenVINO weights once"):
+            openvino_graphs.share_weights(ov_dir, [f"{g}.xml" for g in GRAPH_NAMES])
+
+    with progress.stage("copying config and tokenizer"):
+        for name in ("config.json", *TOKENIZER_FILES, *OPTIONAL_FILES):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, staging / name)
+        if not (staging / "generation_config.json").is_file():
+            (staging / "generation_config.json").write_text(model.generation_config.to_json_string())
+
+    generation = json.loads((staging / "generation_config.json").read_text())
+    eos = generation.get("eos_token_id", text.eos_token_id)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "exporter": {"name": "dg-export", "version": __version__, **library_versions()},
+        "source": {"model": args.model, "revision": raw_config.get("_commit_hash") or folder_revision(folder)},
+        "modalities": ["text"],
+        "model": {
+            "architecture": "DiffusionGemmaForBlockDiffusion",
+            "canvas_length": config.canvas_length,
+            "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size,
+            "layer_types": list(text.layer_types),
+            "sliding_window": text.sliding_window,
+            "kv_layout": kv_layout(text),
+            "max_position_embeddings": text.max_position_embeddings,
+            "eos_token_ids": eos if isinstance(eos, list) else [eos],
+            "pad_token_id": generation.get("pad_token_id", text.pad_token_id),
+        },
+        "precision": "fp32",
+        "openvino": {"inference_precision": "f32"},
+        "graphs": specs,
+        "formats": {},
+    }
+    if "onnx" in formats:
+        manifest["formats"]["onnx"] = {"graphs": {g: f"onnx/{g}.onnx" for g in GRAPH_NAMES}, "weights": f"onnx/{WEIGHTS_FILE}"}
+    if "openvino" in formats:
+        manifest["formats"]["openvino"] = {"graphs": {g: f"openvino/{g}.xml" for g in GRAPH_NAMES},
+                                           "weights": "openvino/weights.bin"}
+
+    if not args.no_validate:
+        from .validate import validate
+
+        with progress.stage("validating against transformers"):
+            rows = validate(model, staging, manifest, ["onnxruntime" if f == "onnx" else f for f in formats], args.atol)
+        manifest["validation"] = {"atol": args.atol, "results": rows}
+        print_validation(rows)
+        failed = [r for r in rows if not r["ok"]]
+        if failed:
+            worst = max(failed, key=lambda r: r["diff"])
+            raise UserError(f"validation failed: {len(failed)} output(s) over tolerance, worst {worst['backend']} "
+                            f"{worst['graph']} {worst['output']} = {worst['diff']:.3g} (atol {args.atol}); "
+                            "nothing was written")
+    if "onnx" not in formats:
+        shutil.rmtree(onnx_dir)
+
+    with progress.stage("writing manifest and checksums"):
+        write_manifest(staging, manifest)
+    seconds = progress.close()
+    size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+    params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
+    return (f"{', '.join(formats)} graphs, {params / 1e6:.2f} M text parameters, {size / 1e6:.1f} MB on disk, "
+            f"{seconds:.0f} s")
+
+
+def print_validation(rows: list[dict]) -> None:
+    print("\nvalidation against transformers (max abs diff; token outputs: fraction differing):", file=sys.stderr)
+    for r in rows:
+        print(f"  {r['backend']:11} {r['graph']:8} {r['output']:22} {r['diff']:.2e}  {'ok' if r['ok'] else 'FAIL'}",
+              file=sys.stderr)
+
+
+def library_versions() -> dict:
+    from importlib.metadata import version
+
+    return {lib: version(lib) for lib in ("torch", "transformers", "onnx", "onnxruntime", "openvino")}
+
+
+def folder_revision(folder: Path) -> str | None:
+    """The hub commit of a snapshot folder (…/snapshots/<commit>/), if it is one."""
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        export(args)
+    except UserError as exc:
+        print(f"dg-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dg-export: interrupted; no artifact was written", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print("dg-export: error: the disk is full; free space and run again (no artifact was written)",
+                  file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The artifact folder: its manifest, its files and their checksums.
+
+The exporter writes the manifest with `write_manifest`; the runtime reads it back with `load_manifest`. Both
+sides use the constants here, so the format is defined once.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+GRAPH_NAMES = ("encoder", "denoiser")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Record the size and sha256 of every file in the folder, then write the manifest beside them."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    manifest["files"] = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_manifest(folder: Path, verify_checksums: bool = True) -> dict:
+    """Read and check an artifact folder's manifest; raise UserError naming the first problem found."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"artifact folder {folder} does not exist; export one with `dg-export MODEL -o {folder}`")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"{folder} has no {MANIFEST_NAME}: it is not a dg-export artifact (re-export it)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); re-export the artifact") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format version {version!r}; this runtime reads version {FORMAT_VERSION}: "
+            "re-export the artifact with a matching dg-export, or upgrade dg-edge"
+        )
+    for name, entry in manifest.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise UserError(f"artifact file {file} is missing; re-export the artifact")
+        if file.stat().st_size != entry["bytes"]:
+            raise UserError(f"artifact file {file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                            "the file is truncated or corrupted; re-export the artifact")
+        if verify_checksums and sha256_file(file) != entry["sha256"]:
+            raise UserError(f"artifact file {file} does not match its sha256 in the manifest: it is corrupted; "
+                            "re-export the artifact")
+    return manifest

@@ -1,0 +1,75 @@
+"""One small class per backend with the same `run(output_names, feeds)` call, and the checks that go with it."""
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+BACKENDS = ("onnxruntime", "openvino")
+
+
+class OnnxRuntimeGraph:
+    def __init__(self, path: Path, threads: int | None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("backend onnxruntime is not installed: pip install 'dg-edge[onnxruntime]'") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(outputs, feeds)
+
+
+class OpenVinoGraph:
+    def __init__(self, xml: Path, weights: Path, device: str, precision: str, threads: int | None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise UserError("backend openvino is not installed: pip install 'dg-edge[openvino]'") from None
+        core = ov.Core()
+        available = core.available_devices
+        if device != "AUTO" and device.split(".")[0] not in available:
+            raise UserError(f"OpenVINO device {device} is not available here; available: {', '.join(available)} or AUTO")
+        config = {"INFERENCE_PRECISION_HINT": precision} if device.startswith("CPU") else {}
+        if threads and device.startswith("CPU"):
+            config["INFERENCE_NUM_THREADS"] = threads
+        model = core.read_model(str(xml), str(weights))
+        self.compiled = core.compile_model(model, device, config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer(feeds)
+        return [self.request.get_tensor(name).data.copy() for name in outputs]
+
+
+def open_graph(folder: Path, manifest: dict, graph: str, backend: str, device: str = "CPU",
+               threads: int | None = None, precision: str | None = None):
+    """Open one graph of an artifact on a backend, and check its inputs against the manifest."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    fmt = "onnx" if backend == "onnxruntime" else "openvino"
+    entry = manifest["formats"].get(fmt)
+    if entry is None:
+        raise UserError(f"this artifact has no {fmt} graphs (it has: {', '.join(manifest['formats'])}); "
+                        f"re-export with --format {fmt} or choose another backend")
+    if backend == "onnxruntime":
+        if device.upper() != "CPU":
+            raise UserError(f"the onnxruntime backend runs on CPU only here (asked for {device}); use --backend openvino")
+        session = OnnxRuntimeGraph(folder / entry["graphs"][graph], threads)
+    else:
+        precision = precision or manifest["openvino"]["inference_precision"]
+        session = OpenVinoGraph(folder / entry["graphs"][graph], folder / entry["weights"], device, precision, threads)
+    expected = [i["name"] for i in manifest["graphs"][graph]["inputs"]]
+    if sorted(session.input_names) != sorted(expected):
+        raise UserError(f"{fmt} graph {graph} has inputs {session.input_names}, the manifest lists {expected}: "
+                        "the artifact is inconsistent; re-export it")
+    return session
