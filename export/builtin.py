@@ -73,8 +73,12 @@ def write_tokenizer(folder: Path) -> None:
     }, indent=2))
 
 
-def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_length: int = 256, seed: int = 0) -> Path:
-    """Write a seeded random DiffusionGemma checkpoint (config, safetensors, tokenizer) into `folder`."""
+def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_length: int = 256, seed: int = 0,
+                     initializer_range: float = 0.02) -> Path:
+    """Write a seeded random DiffusionGemma checkpoint (config, safetensors, tokenizer) into `folder`.
+
+    A larger `initializer_range` gives peakier distributions: more tokens accepted per step, adaptive stops.
+    """
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
@@ -82,6 +86,7 @@ def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_le
         text_config={**TEXT_CONFIG, **(text_overrides or {})},
         vision_config=TINY_VISION_CONFIG,
         canvas_length=canvas_length,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()

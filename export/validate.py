@@ -23,13 +23,17 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.max(np.abs(expected.astype(np.float64) - actual)))
 
 
-def validate(model, folder, manifest: dict, backends: list[str], atol: float, batch: int = 2) -> list[dict]:
-    """Rows of (backend, graph, output, difference, ok); every row must be ok for the export to pass."""
+def validate(model, folder, manifest: dict, backends: list[str], atol: float, batch: int = 2,
+             prompt_length: int | None = None, chunk_length: int = 5, seed: int = 0) -> list[dict]:
+    """Rows of (backend, graph, output, difference, ok); every row must be ok for the export to pass.
+
+    By default the prompt is 3 tokens longer than the sliding window; the chunk stands for a committed block.
+    """
     text = model.config.text_config
     canvas = model.config.canvas_length
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, text.vocab_size, (batch, text.sliding_window + 3))
-    chunk = rng.integers(0, text.vocab_size, (batch, 5))
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, text.vocab_size, (batch, prompt_length or text.sliding_window + 3))
+    chunk = rng.integers(0, text.vocab_size, (batch, chunk_length))
 
     cache = DynamicCache(config=text)
     reference.encode(model, cache, prompt, 0)

@@ -1,0 +1,123 @@
+"""dg-run ARTIFACT [PROMPT]: generate with an exported DiffusionGemma, streaming text as blocks commit."""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .backends import BACKENDS
+from .errors import UserError
+from .generate import Block, DiffusionGemma, Done, Draft
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="dg-run", description="Run an exported DiffusionGemma artifact.")
+    parser.add_argument("artifact", type=Path, help="artifact folder written by dg-export")
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
+    parser.add_argument("--prompt-file", type=Path, help="read the prompt from a UTF-8 file")
+    parser.add_argument("--system", help="system message for the chat template")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    parser.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(BACKENDS)} (default onnxruntime)")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU or AUTO (default CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the backend's choice)")
+    parser.add_argument("--precision", choices=["f32", "bf16", "f16"],
+                        help="OpenVINO CPU inference precision (default: the artifact's, f32 for fp32 exports)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of all sampling noise (default 0)")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--steps", dest="max_denoising_steps", type=int, help="max denoising steps per block")
+    parser.add_argument("--entropy-bound", type=float)
+    parser.add_argument("--t-max", type=float)
+    parser.add_argument("--t-min", type=float)
+    parser.add_argument("--stability-threshold", type=int)
+    parser.add_argument("--confidence-threshold", type=float)
+    parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
+    parser.add_argument("--visual", action="store_true", help="redraw the canvas at every denoising step")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    return parser.parse_args(argv)
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            return args.prompt_file.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise UserError(f"prompt file {args.prompt_file} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"prompt file {args.prompt_file} is not valid UTF-8 (byte {exc.start}); "
+                            "save it as UTF-8") from None
+    if args.prompt is None:
+        raise UserError("no prompt: give one as an argument or with --prompt-file")
+    return args.prompt
+
+
+def render_canvas(model: DiffusionGemma, draft: Draft) -> str:
+    """The argmax canvas as text, accepted positions in bold, for --visual."""
+    pieces = []
+    for token, accepted in zip(draft.canvas[0], draft.accepted[0]):
+        text = model.text.decode([token]).replace("\n", "⏎") or "·"
+        pieces.append(f"\x1b[1m{text}\x1b[0m" if accepted else f"\x1b[2m{text}\x1b[0m")
+    return "".join(pieces)
+
+
+def run(args) -> int:
+    prompt = read_prompt(args)
+    if not prompt.strip():
+        raise UserError("the prompt is empty; give some text to start from")
+    model = DiffusionGemma(args.artifact, args.backend, args.device, args.threads, args.precision,
+                           verify=not args.no_verify)
+    settings = model.defaults.with_overrides(
+        max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
+        entropy_bound=args.entropy_bound, t_max=args.t_max, t_min=args.t_min,
+        stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold,
+    )
+    if args.raw:
+        ids = model.text.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        ids = model.text.chat_ids(messages)
+
+    shown, committed = "", []
+    for event in model.stream([ids], settings, args.seed):
+        if isinstance(event, Draft) and args.visual:
+            sys.stdout.write(f"\x1b[H\x1b[2J{shown}\n\n[block {event.block + 1}, step {event.step}]\n"
+                             f"{render_canvas(model, event)}\n")
+            sys.stdout.flush()
+        elif isinstance(event, Block):
+            committed.extend(event.tokens[0].tolist())
+            text = model.text.decode(committed[: settings.max_new_tokens])
+            if not args.json and not args.visual:
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+            shown = text
+        elif isinstance(event, Done):
+            stats = event.stats
+    tokens = event.tokens[0]
+    if args.json:
+        print(json.dumps({"prompt_tokens": len(ids), "tokens": tokens.tolist(), "text": model.text.decode(tokens),
+                          "stats": asdict(stats)}))
+    else:
+        if args.visual:
+            sys.stdout.write(f"\x1b[H\x1b[2J{shown}")
+        print(f"\n\n[{stats.blocks} block(s), steps per block {stats.steps_per_block}, "
+              f"{stats.tokens_per_forward:.2f} tokens/forward, load {stats.load_ms:.0f} ms, "
+              f"prefill {stats.prefill_ms:.1f} ms, {stats.step_ms:.1f} ms/step, {stats.tokens_per_second:.1f} tokens/s]",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"dg-run: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndg-run: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
