@@ -74,10 +74,11 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_length: int = 256, seed: int = 0,
-                     initializer_range: float = 0.02) -> Path:
+                     embedding_std: float | None = None) -> Path:
     """Write a seeded random DiffusionGemma checkpoint (config, safetensors, tokenizer) into `folder`.
 
-    A larger `initializer_range` gives peakier distributions: more tokens accepted per step, adaptive stops.
+    A larger `embedding_std` (the tied embedding / lm_head only) gives peaked output distributions while the
+    layers keep their small standard init, so the network stays well-conditioned.
     """
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
@@ -86,10 +87,12 @@ def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_le
         text_config={**TEXT_CONFIG, **(text_overrides or {})},
         vision_config=TINY_VISION_CONFIG,
         canvas_length=canvas_length,
-        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
+    if embedding_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))

@@ -1,0 +1,102 @@
+"""Same noise, same tokens: the runtime on both backends against transformers' generate."""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
+
+from conftest import CONFIGS
+from dg_export.reference import inverse_cdf_sample
+from dg_runtime import Block, DiffusionGemma, Draft, NoiseSource, Settings
+
+# Settings chosen so that the seeds cover several blocks, EOS inside a canvas, stops on max steps, and adaptive
+# stops (stability 0 with a confidence threshold that the falling temperature crosses part-way).
+SCENARIOS = [
+    Settings(max_new_tokens=80, max_denoising_steps=10, entropy_bound=0.5, t_max=0.3, t_min=0.1),
+    Settings(max_new_tokens=64, max_denoising_steps=12, entropy_bound=1.0, t_max=0.5, t_min=0.05,
+             stability_threshold=0, confidence_threshold=0.5),
+    Settings(max_new_tokens=48, max_denoising_steps=6, entropy_bound=0.1, t_max=0.8, t_min=0.4),
+    Settings(max_new_tokens=100, max_denoising_steps=8, entropy_bound=2.0, t_max=0.2, t_min=0.1,
+             stability_threshold=2, confidence_threshold=0.05),
+    Settings(max_new_tokens=40, max_denoising_steps=16, entropy_bound=0.3, t_max=0.4, t_min=0.2,
+             stability_threshold=0, confidence_threshold=0.2),
+]
+
+
+class DraftRecorder:
+    """A transformers streamer that keeps each step's argmax canvas."""
+
+    def __init__(self):
+        self.drafts = []
+
+    def put_draft(self, value):
+        self.drafts.append(value.numpy().copy())
+
+    def put(self, value):
+        pass
+
+    def end(self):
+        pass
+
+
+def hf_generate(model, input_ids: np.ndarray, settings: Settings, noise: NoiseSource):
+    """transformers' generate, drawing its canvases, renoise tokens and samples from `noise`."""
+    def initialize_canvas(sampler, batch_size, device):
+        return torch.from_numpy(noise.tokens((batch_size, sampler.canvas_length), sampler.vocab_size))
+
+    def multinomial(probs, num_samples):
+        return inverse_cdf_sample(probs, torch.from_numpy(noise.uniforms((probs.shape[0],))))[:, None]
+
+    recorder = DraftRecorder()
+    with mock.patch.object(hf_generation.EntropyBoundSampler, "initialize_canvas", initialize_canvas), \
+            mock.patch.object(torch, "multinomial", multinomial):
+        out = model.generate(
+            torch.from_numpy(input_ids), streamer=recorder,
+            max_new_tokens=settings.max_new_tokens, max_denoising_steps=settings.max_denoising_steps,
+            sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=settings.entropy_bound),
+            t_max=settings.t_max, t_min=settings.t_min, stability_threshold=settings.stability_threshold,
+            confidence_threshold=settings.confidence_threshold,
+        )
+    return out.sequences[:, input_ids.shape[1]:].numpy(), recorder.drafts
+
+
+def first_divergence(ours: list[np.ndarray], theirs: list[np.ndarray]) -> str:
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        if not np.array_equal(a, b):
+            row, pos = np.argwhere(a != b)[0]
+            return f"first differing draft: global step {step + 1}, row {row}, position {pos}: {a[row, pos]} vs {b[row, pos]}"
+    return f"drafts agree; step counts differ ({len(ours)} vs {len(theirs)})"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_same_noise_same_tokens(exported, hf_model, name, backend):
+    checkpoint, artifact = exported(name, confident=True)
+    model = hf_model(checkpoint)
+    runtime = DiffusionGemma(artifact, backend=backend)
+    vocab = runtime.vocab_size
+    seen = {"blocks>1": 0, "eos mid-canvas": 0, "max steps": 0, "adaptive stop": 0}
+    for seed in range(20):
+        settings = SCENARIOS[seed % len(SCENARIOS)]
+        batch = 2 if seed % 4 == 3 else 1
+        prompt = np.random.default_rng(seed).integers(5, vocab, (batch, 3 + 5 * seed % 23))
+        expected, hf_drafts = hf_generate(model, prompt, settings, NoiseSource(seed))
+
+        drafts, blocks = [], []
+        for event in runtime.stream(prompt, settings, noise=NoiseSource(seed)):
+            if isinstance(event, Draft):
+                drafts.append(event.canvas.copy())
+            elif isinstance(event, Block):
+                blocks.append(event)
+        ours = event.tokens
+        n = ours.shape[1]
+        assert np.array_equal(ours, expected[:, :n]), (
+            f"seed {seed}, {settings}: {first_divergence(drafts, hf_drafts)}")
+
+        seen["blocks>1"] += len(blocks) > 1
+        seen["eos mid-canvas"] += any(np.isin(b.tokens[:, :-1], runtime.eos_ids).any() for b in blocks)
+        seen["max steps"] += any(b.steps == settings.max_denoising_steps for b in blocks)
+        seen["adaptive stop"] += any(b.steps < settings.max_denoising_steps for b in blocks)
+    assert all(seen.values()), seen
