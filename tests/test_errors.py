@@ -1,0 +1,148 @@
+"""Bad input: one clear line, a non-zero exit, no traceback, and nothing half-written."""
+
+import errno
+import json
+import shutil
+
+import pytest
+
+from conftest import make_checkpoint
+from dg_export import cli as export_cli
+from dg_runtime.cli import main as dg_run
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", "window8-top2")
+
+
+def one_error_line(capsys, prefix):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith(f"{prefix}: error: "), err
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name or p.name.endswith(".old")]
+
+
+def test_missing_folder(tmp_path, capsys):
+    assert export_cli.main([str(tmp_path / "nope"), "-o", str(tmp_path / "out")]) == 2
+    assert "does not exist" in one_error_line(capsys, "dg-export")
+
+
+def test_no_config(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    assert export_cli.main([str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 2
+    assert "no config.json" in one_error_line(capsys, "dg-export")
+
+
+def test_wrong_model_type(tmp_path, capsys, checkpoint):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gemma3"}))
+    assert export_cli.main([str(model), "-o", str(tmp_path / "out")]) == 2
+    assert "model_type 'gemma3'" in one_error_line(capsys, "dg-export")
+
+
+def test_missing_tokenizer(tmp_path, capsys, checkpoint):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    (model / "tokenizer.json").unlink()
+    assert export_cli.main([str(model), "-o", str(tmp_path / "out")]) == 2
+    assert "tokenizer" in one_error_line(capsys, "dg-export")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_weights_refused(tmp_path, capsys, checkpoint):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    for weights in model.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    assert export_cli.main([str(model), "-o", str(tmp_path / "out")]) == 2
+    assert "safetensors only" in one_error_line(capsys, "dg-export")
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys, checkpoint):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out")]) == 2
+    assert "--overwrite" in one_error_line(capsys, "dg-export")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("failure, code, message", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (OSError(errno.ENOSPC, "No space left on device"), 1, "disk is full"),
+])
+def test_interrupted_or_full_disk_leaves_nothing(tmp_path, capsys, checkpoint, monkeypatch, failure, code, message):
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("dg_export.onnx_graphs.share_weights", fail)
+    assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out")]) == code
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def artifact_copy(exported, tmp_path):
+    _, artifact = exported("window8-top2")
+    copy = tmp_path / "artifact.dg"
+    shutil.copytree(artifact, copy)
+    return copy
+
+
+def edit_manifest(artifact, change):
+    path = artifact / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda a: (a / "onnx" / "denoiser.onnx").unlink(), "missing"),
+    (lambda a: (a / "manifest.json").unlink(), "no manifest.json"),
+    (lambda a: edit_manifest(a, lambda m: m.update(format_version=99)), "format version 99"),
+    (lambda a: edit_manifest(a, lambda m: m["graphs"]["encoder"]["inputs"].pop()), "inputs"),
+])
+def test_broken_artifact(artifact_copy, capsys, damage, expected):
+    damage(artifact_copy)
+    assert dg_run([str(artifact_copy), "hello"]) == 2
+    assert expected in one_error_line(capsys, "dg-run")
+
+
+def test_corrupted_weights(artifact_copy, capsys):
+    weights = artifact_copy / "onnx" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert dg_run([str(artifact_copy), "hello"]) == 2
+    assert "sha256" in one_error_line(capsys, "dg-run")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--max-new-tokens", "100000"], "positions"),
+    (["--backend", "tensorrt"], "unknown backend"),
+    (["--backend", "openvino", "--device", "NPU"], "not available"),
+])
+def test_bad_run_options(exported, capsys, args, expected):
+    _, artifact = exported("window8-top2")
+    assert dg_run([str(artifact), "hello", *args]) == 2
+    assert expected in one_error_line(capsys, "dg-run")
+
+
+def test_bad_prompts(exported, capsys, tmp_path):
+    _, artifact = exported("window8-top2")
+    assert dg_run([str(artifact), "   "]) == 2
+    assert "empty" in one_error_line(capsys, "dg-run")
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    assert dg_run([str(artifact), "--prompt-file", str(bad)]) == 2
+    assert "not valid UTF-8" in one_error_line(capsys, "dg-run")
+    assert dg_run([str(artifact)]) == 2
+    assert "no prompt" in one_error_line(capsys, "dg-run")
