@@ -14,6 +14,7 @@ from dg_runtime.errors import UserError
 
 from . import __version__
 from .builtin import BUILTIN_ID, ensure_builtin
+from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
 
 FORMATS = {"onnx": ["onnx"], "openvino": ["openvino"], "both": ["onnx", "openvino"]}
@@ -27,7 +28,9 @@ def parse_args(argv):
     parser.add_argument("model", nargs="?", default=BUILTIN_ID,
                         help=f"hub id or checkpoint folder (default: {BUILTIN_ID}, the embedded tiny model)")
     parser.add_argument("-o", "--output", type=Path, help="artifact folder to write (default: ./<model name>.dg)")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="both", help="graph formats (default: both)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"target preset from recipes/ or a .json path (default {DEFAULT_RECIPE})")
+    parser.add_argument("--format", choices=sorted(FORMATS), help="graph formats (default: the recipe's)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan from config.json alone and exit")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with transformers")
@@ -61,7 +64,8 @@ class Progress:
 def export(args) -> Path:
     folder = ensure_builtin() if args.model == BUILTIN_ID else resolve(args.model, need_weights=not args.dry_run)
     raw_config = read_config(folder)
-    formats = FORMATS[args.format]
+    recipe = load_recipe(args.recipe)
+    formats = FORMATS[args.format] if args.format else recipe["formats"]
     if args.dry_run:
         from .plan import print_plan
         from .source import load_config
@@ -77,7 +81,7 @@ def export(args) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared like any folder
     try:
-        summary = write_artifact(args, folder, raw_config, formats, staging)
+        summary = write_artifact(args, folder, raw_config, recipe, formats, staging)
         if output.exists():
             old = staging.with_name(staging.name + ".old")
             output.rename(old)
@@ -91,7 +95,7 @@ def export(args) -> Path:
     return output
 
 
-def write_artifact(args, folder: Path, raw_config: dict, formats: list[str], staging: Path) -> str:
+def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: list[str], staging: Path) -> str:
     from .graphs import graph_specs, kv_layout
     from .onnx_graphs import WEIGHTS_FILE, share_weights, trace
     from .source import load_model
@@ -146,8 +150,9 @@ def write_artifact(args, folder: Path, raw_config: dict, formats: list[str], sta
             "eos_token_ids": eos if isinstance(eos, list) else [eos],
             "pad_token_id": generation.get("pad_token_id", text.pad_token_id),
         },
-        "precision": "fp32",
-        "openvino": {"inference_precision": "f32"},
+        "recipe": recipe["name"],
+        "precision": recipe["weights"],
+        "openvino": recipe["openvino"],
         "graphs": specs,
         "formats": {},
     }

@@ -52,8 +52,9 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
 
     rows = []
     for backend in backends:
-        encoder = open_graph(folder, manifest, "encoder", backend)
-        denoiser = open_graph(folder, manifest, "denoiser", backend)
+        # The graphs' own fidelity, in f32, whatever precision the recipe asks the runtime to compute in.
+        encoder = open_graph(folder, manifest, "encoder", backend, precision="f32")
+        denoiser = open_graph(folder, manifest, "denoiser", backend, precision="f32")
         kv = KVCache(manifest["model"]["kv_layout"], text.sliding_window, batch)
         for ids, want, label in ((prompt, after_prompt, "prompt"), (chunk, after_chunk, "next chunk")):
             positions_new = np.broadcast_to(np.arange(kv.length, kv.length + ids.shape[1]), ids.shape).copy()

@@ -18,7 +18,8 @@ def parse_args(argv):
     parser.add_argument("--prompt-file", type=Path, help="read the prompt from a UTF-8 file")
     parser.add_argument("--system", help="system message for the chat template")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    parser.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(BACKENDS)} (default onnxruntime)")
+    parser.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: onnxruntime if the artifact has "
+                        "ONNX graphs, else openvino)")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU or AUTO (default CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the backend's choice)")
     parser.add_argument("--precision", choices=["f32", "bf16", "f16"],

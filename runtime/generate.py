@@ -100,11 +100,14 @@ class Done:
 class DiffusionGemma:
     """An exported DiffusionGemma on ONNX Runtime or OpenVINO."""
 
-    def __init__(self, folder, backend: str = "onnxruntime", device: str = "CPU", threads: int | None = None,
+    def __init__(self, folder, backend: str | None = None, device: str = "CPU", threads: int | None = None,
                  precision: str | None = None, verify: bool = True):
+        """backend None picks onnxruntime if the artifact has ONNX graphs, else openvino."""
         started = time.perf_counter()
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, verify_checksums=verify)
+        backend = backend or ("onnxruntime" if "onnx" in self.manifest["formats"] else "openvino")
+        self.backend = backend
         model = self.manifest["model"]
         self.canvas_length, self.vocab_size = model["canvas_length"], model["vocab_size"]
         self.hidden_size, self.max_positions = model["hidden_size"], model["max_position_embeddings"]

@@ -1,0 +1,37 @@
+"""Named export targets. A recipe is a JSON file in recipes/ (or any path): graph formats, weight precision and
+the runtime settings the artifact records for the runtime to apply."""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from dg_runtime.errors import UserError
+
+DEFAULT_RECIPE = "cpu-fp32"
+KEYS = {"description", "formats", "weights", "openvino"}
+
+
+def available() -> list[str]:
+    return sorted(p.name.removesuffix(".json") for p in resources.files("dg_recipes").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def load_recipe(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.is_file():
+        text, name = path.read_text(), path.stem
+    elif name_or_path in available():
+        text, name = (resources.files("dg_recipes") / f"{name_or_path}.json").read_text(), name_or_path
+    else:
+        raise UserError(f"unknown recipe {name_or_path!r}; choose one of {', '.join(available())} or pass a .json file")
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"recipe {name_or_path} is not valid JSON ({exc})") from None
+    if set(recipe) != KEYS:
+        raise UserError(f"recipe {name_or_path} must have exactly the keys {sorted(KEYS)}")
+    if recipe["weights"] != "fp32":
+        raise UserError(f"recipe {name_or_path} asks for {recipe['weights']} weights; this dg-export writes fp32 only")
+    if not set(recipe["formats"]) <= {"onnx", "openvino"}:
+        raise UserError(f"recipe {name_or_path} lists unknown formats {recipe['formats']}")
+    return {"name": name, **recipe}
