@@ -3,9 +3,14 @@
 Used by the export-time validation and by the tests, so both hold the graphs to the same definition.
 """
 
+from unittest import mock
+
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
+
+from dg_runtime import NoiseSource, Settings
 
 
 def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -49,3 +54,43 @@ def denoise(model, cache, canvas_ids, self_conditioning_logits, position_ids, te
         "logits": logits,
     }
     return {name: value.numpy() for name, value in outputs.items()}
+
+
+class DraftRecorder:
+    """A transformers streamer that keeps each step's argmax canvas."""
+
+    def __init__(self):
+        self.drafts = []
+
+    def put_draft(self, value):
+        self.drafts.append(value.numpy().copy())
+
+    def put(self, value):
+        pass
+
+    def end(self):
+        pass
+
+
+def generate_with_noise(model, input_ids: np.ndarray, settings: Settings, noise: NoiseSource):
+    """transformers' generate, drawing its canvases, renoise tokens and samples from `noise` in the runtime's order.
+
+    Returns the generated tokens [B, blocks * canvas] and the argmax canvas of every step.
+    """
+    def initialize_canvas(sampler, batch_size, device):
+        return torch.from_numpy(noise.tokens((batch_size, sampler.canvas_length), sampler.vocab_size))
+
+    def multinomial(probs, num_samples):
+        return inverse_cdf_sample(probs, torch.from_numpy(noise.uniforms((probs.shape[0],))))[:, None]
+
+    recorder = DraftRecorder()
+    with mock.patch.object(hf_generation.EntropyBoundSampler, "initialize_canvas", initialize_canvas), \
+            mock.patch.object(torch, "multinomial", multinomial):
+        out = model.generate(
+            torch.from_numpy(input_ids), streamer=recorder,
+            max_new_tokens=settings.max_new_tokens, max_denoising_steps=settings.max_denoising_steps,
+            sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=settings.entropy_bound),
+            t_max=settings.t_max, t_min=settings.t_min, stability_threshold=settings.stability_threshold,
+            confidence_threshold=settings.confidence_threshold,
+        )
+    return out.sequences[:, input_ids.shape[1]:].numpy(), recorder.drafts

@@ -1,14 +1,10 @@
 """Same noise, same tokens: the runtime on both backends against transformers' generate."""
 
-from unittest import mock
-
 import numpy as np
 import pytest
-import torch
-from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
 
 from conftest import CONFIGS
-from dg_export.reference import inverse_cdf_sample
+from dg_export.reference import generate_with_noise
 from dg_runtime import Block, DiffusionGemma, Draft, NoiseSource, Settings
 
 # Settings chosen so that the seeds cover several blocks, EOS inside a canvas, stops on max steps, and adaptive
@@ -23,43 +19,6 @@ SCENARIOS = [
     Settings(max_new_tokens=40, max_denoising_steps=16, entropy_bound=0.3, t_max=0.4, t_min=0.2,
              stability_threshold=0, confidence_threshold=0.2),
 ]
-
-
-class DraftRecorder:
-    """A transformers streamer that keeps each step's argmax canvas."""
-
-    def __init__(self):
-        self.drafts = []
-
-    def put_draft(self, value):
-        self.drafts.append(value.numpy().copy())
-
-    def put(self, value):
-        pass
-
-    def end(self):
-        pass
-
-
-def hf_generate(model, input_ids: np.ndarray, settings: Settings, noise: NoiseSource):
-    """transformers' generate, drawing its canvases, renoise tokens and samples from `noise`."""
-    def initialize_canvas(sampler, batch_size, device):
-        return torch.from_numpy(noise.tokens((batch_size, sampler.canvas_length), sampler.vocab_size))
-
-    def multinomial(probs, num_samples):
-        return inverse_cdf_sample(probs, torch.from_numpy(noise.uniforms((probs.shape[0],))))[:, None]
-
-    recorder = DraftRecorder()
-    with mock.patch.object(hf_generation.EntropyBoundSampler, "initialize_canvas", initialize_canvas), \
-            mock.patch.object(torch, "multinomial", multinomial):
-        out = model.generate(
-            torch.from_numpy(input_ids), streamer=recorder,
-            max_new_tokens=settings.max_new_tokens, max_denoising_steps=settings.max_denoising_steps,
-            sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=settings.entropy_bound),
-            t_max=settings.t_max, t_min=settings.t_min, stability_threshold=settings.stability_threshold,
-            confidence_threshold=settings.confidence_threshold,
-        )
-    return out.sequences[:, input_ids.shape[1]:].numpy(), recorder.drafts
 
 
 def first_divergence(ours: list[np.ndarray], theirs: list[np.ndarray]) -> str:
@@ -82,7 +41,7 @@ def test_same_noise_same_tokens(exported, hf_model, name, backend):
         settings = SCENARIOS[seed % len(SCENARIOS)]
         batch = 2 if seed % 4 == 3 else 1
         prompt = np.random.default_rng(seed).integers(5, vocab, (batch, 3 + 5 * seed % 23))
-        expected, hf_drafts = hf_generate(model, prompt, settings, NoiseSource(seed))
+        expected, hf_drafts = generate_with_noise(model, prompt, settings, NoiseSource(seed))
 
         drafts, blocks = [], []
         for event in runtime.stream(prompt, settings, noise=NoiseSource(seed)):

@@ -1,0 +1,139 @@
+"""Benchmark: the exported graphs and the runtime loop against transformers, measured in the same run.
+
+    python -m dg_export.benchmark [--size tiny|medium] [--threads 2]
+
+Builds (once, cached) a seeded stand-in checkpoint, exports it with the cpu-fp32 recipe, then prints a Markdown
+table: the denoiser step (median ms, same inputs) and whole generations (same prompts, same noise, default
+generation settings) for transformers, ONNX Runtime, OpenVINO f32 and OpenVINO bf16, with ratios to
+transformers and the share of tokens identical to transformers'.
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dg_runtime import DiffusionGemma, NoiseSource
+from dg_runtime.generate import DENOISER_OUTPUTS
+
+from . import reference
+from .builtin import TEXT_CONFIG, build_checkpoint, cache_dir, ensure_builtin
+from .cli import main as dg_export
+
+# A larger stand-in with the real model's proportions where it matters for speed: 5 sliding : 1 full layers,
+# many experts with top-k routing, a canvas of 256.
+MEDIUM = {
+    **TEXT_CONFIG,
+    "vocab_size": 264, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 6,
+    "layer_types": ["sliding_attention"] * 5 + ["full_attention"], "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 64, "global_head_dim": 128, "num_global_key_value_heads": 1,
+    "num_experts": 32, "top_k_experts": 4, "moe_intermediate_size": 256, "sliding_window": 128,
+}
+BACKENDS = [("onnxruntime", None), ("openvino", "f32"), ("openvino", "bf16")]
+
+
+def checkpoint_for(size: str) -> Path:
+    if size == "tiny":
+        return ensure_builtin()
+    folder = cache_dir().with_name("bench-medium")
+    if not (folder / "config.json").is_file():
+        # A wider tied embedding makes the distributions peaked, as a trained model's are, so that the
+        # agreement column measures the backends rather than float near-ties of a near-uniform model.
+        build_checkpoint(folder, MEDIUM, embedding_std=0.3)
+    return folder
+
+
+def median_ms(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dg_export.benchmark")
+    parser.add_argument("--size", choices=["tiny", "medium"], default="tiny")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="timed denoiser steps per backend")
+    parser.add_argument("--seeds", type=int, default=3, help="generations per backend")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    checkpoint = checkpoint_for(args.size)
+    artifact = checkpoint.with_name(checkpoint.name + ".dg")
+    if not (artifact / "manifest.json").is_file():
+        assert dg_export([str(checkpoint), "-o", str(artifact), "--overwrite"]) == 0
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    runtimes = {(b, p): DiffusionGemma(artifact, b, threads=args.threads, precision=p) for b, p in BACKENDS}
+    first = next(iter(runtimes.values()))
+    settings = first.defaults
+    canvas, vocab = first.canvas_length, first.vocab_size
+    params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
+
+    # One denoiser step on identical inputs: a 40-token prompt in the cache, a random canvas, step-2 soft input.
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(5, vocab, (1, 40))
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.text_config)
+    reference.encode(model, cache, prompt, 0)
+    canvas_ids = rng.integers(0, vocab, (1, canvas))
+    positions = np.arange(40, 40 + canvas)[None]
+    logits = rng.normal(0, 3, (1, canvas, vocab)).astype(np.float32)
+    uniform = rng.random((1, canvas), dtype=np.float32)
+    t = np.array(0.7, dtype=np.float32)
+    step_ms = {"transformers": median_ms(
+        lambda: reference.denoise(model, cache, canvas_ids, logits, positions, t, uniform), args.repeats)}
+    soft = reference.soft_embedding(model, torch.from_numpy(logits)).numpy()
+    for key, runtime in runtimes.items():
+        kv = runtime.new_cache(1)
+        runtime.encode(kv, prompt)
+        feeds = {"canvas_ids": canvas_ids, "soft_embedding": soft, "position_ids": positions, "temperature": t,
+                 "sample_uniform": uniform, **kv.feeds()}
+        step_ms[key] = median_ms(lambda: runtime.denoiser.run(DENOISER_OUTPUTS, feeds), args.repeats)
+
+    # Whole generations with the artifact's default settings and the same noise on every side.
+    prompts = [rng.integers(5, vocab, (1, 24 + 7 * s)) for s in range(args.seeds)]
+    results = {}
+    started = time.perf_counter()
+    expected, steps = [], []
+    for seed, ids in enumerate(prompts):
+        tokens, drafts = reference.generate_with_noise(model, ids, settings, NoiseSource(seed))
+        expected.append(tokens[:, : settings.max_new_tokens])
+        steps.append(len(drafts))
+    results["transformers"] = (time.perf_counter() - started, sum(steps), 1.0)
+    for key, runtime in runtimes.items():
+        started, same, total, n_steps = time.perf_counter(), 0, 0, 0
+        for seed, ids in enumerate(prompts):
+            done = runtime.generate(ids, settings, noise=NoiseSource(seed))
+            n_steps += sum(done.stats.steps_per_block)
+            want = expected[seed][:, : done.tokens.shape[1]]
+            width = min(want.shape[1], done.tokens.shape[1])
+            same += int((want[:, :width] == done.tokens[:, :width]).sum())
+            total += max(want.shape[1], done.tokens.shape[1])
+        results[key] = (time.perf_counter() - started, n_steps, same / total)
+
+    label = {"transformers": "transformers (PyTorch, fp32)", ("onnxruntime", None): "ONNX Runtime fp32",
+             ("openvino", "f32"): "OpenVINO CPU f32", ("openvino", "bf16"): "OpenVINO CPU bf16"}
+    print(f"\n{args.size} stand-in: {params / 1e6:.1f} M text parameters, canvas {canvas}, "
+          f"{args.threads} threads, {args.seeds} generations of up to {settings.max_new_tokens} tokens "
+          f"(max {settings.max_denoising_steps} steps/block)\n")
+    print("| backend | denoiser step ms | step speed-up | generation s | steps | generation speed-up | tokens identical to transformers |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base_step, base_gen = step_ms["transformers"], results["transformers"][0]
+    for key in ["transformers", *runtimes]:
+        seconds, n_steps, agree = results[key]
+        print(f"| {label[key]} | {step_ms[key]:.1f} | {base_step / step_ms[key]:.2f}x | {seconds:.2f} | {n_steps} | "
+              f"{base_gen / seconds:.2f}x | {agree * 100:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
