@@ -31,7 +31,7 @@ def trace(model, graph: str, spec: dict, path: Path) -> None:
             dynamic_shapes=dynamic_shapes(spec),
             dynamo=True,
             external_data=True,
-            optimize=True,
+            optimize=False,  # onnxscript's optimizer is superlinear in graph size; ORT and OpenVINO optimize at load
             verbose=False,
         )
 

@@ -52,11 +52,16 @@ def read_prompt(args) -> str:
     return args.prompt
 
 
+def printable(text: str, keep: str = "\n\t") -> str:
+    """Model output with control characters (escape sequences among them) shown as '·', not sent to the terminal."""
+    return "".join(c if c.isprintable() or c in keep else "·" for c in text)
+
+
 def render_canvas(model: DiffusionGemma, draft: Draft) -> str:
     """The argmax canvas as text, accepted positions in bold, for --visual."""
     pieces = []
     for token, accepted in zip(draft.canvas[0], draft.accepted[0]):
-        text = model.text.decode([token]).replace("\n", "⏎") or "·"
+        text = printable(model.text.decode([token]).replace("\n", "⏎"), keep="") or "·"
         pieces.append(f"\x1b[1m{text}\x1b[0m" if accepted else f"\x1b[2m{text}\x1b[0m")
     return "".join(pieces)
 
@@ -87,7 +92,7 @@ def run(args) -> int:
             sys.stdout.flush()
         elif isinstance(event, Block):
             committed.extend(event.tokens[0].tolist())
-            text = model.text.decode(committed[: settings.max_new_tokens])
+            text = printable(model.text.decode(committed[: settings.max_new_tokens]))
             if not args.json and not args.visual:
                 sys.stdout.write(text[len(shown):])
                 sys.stdout.flush()
