@@ -2,7 +2,8 @@
 
     python -m dg_export.benchmark [--size tiny|medium] [--threads 2]
 
-Builds (once, cached) a seeded stand-in checkpoint, exports it with the cpu-fp32 recipe, then prints a Markdown
+Uses the embedded demo model (tiny) or builds a seeded medium stand-in, exports it once (cached) with the
+cpu-fp32 recipe, then prints a Markdown
 table: the denoiser step (median ms, same inputs) and whole generations (same prompts, same noise, default
 generation settings) for transformers, ONNX Runtime, OpenVINO f32 and OpenVINO bf16, with ratios to
 transformers and the share of tokens identical to transformers'.
@@ -20,7 +21,7 @@ from dg_runtime import DiffusionGemma, NoiseSource
 from dg_runtime.generate import DENOISER_OUTPUTS
 
 from . import reference
-from .builtin import TEXT_CONFIG, build_checkpoint, cache_dir, ensure_builtin
+from .builtin import TEXT_CONFIG, build_checkpoint, builtin_checkpoint, cache_dir
 from .cli import main as dg_export
 
 # A larger stand-in with the real model's proportions where it matters for speed: 5 sliding : 1 full layers,
@@ -37,8 +38,8 @@ BACKENDS = [("onnxruntime", None), ("openvino", "f32"), ("openvino", "bf16")]
 
 def checkpoint_for(size: str) -> Path:
     if size == "tiny":
-        return ensure_builtin()
-    folder = cache_dir().with_name("bench-medium")
+        return builtin_checkpoint()
+    folder = cache_dir() / "bench-medium"
     if not (folder / "config.json").is_file():
         # A wider tied embedding makes the distributions peaked, as a trained model's are, so that the
         # agreement column measures the backends rather than float near-ties of a near-uniform model.
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     checkpoint = checkpoint_for(args.size)
-    artifact = checkpoint.with_name(checkpoint.name + ".dg")
+    artifact = cache_dir() / f"bench-{args.size}.dg"
     if not (artifact / "manifest.json").is_file():
         # The wide embedding of the medium stand-in scales float32 rounding in the logits past 1e-4 (about 2e-3);
         # its fidelity is what the agreement column measures.
@@ -126,7 +127,8 @@ def main(argv=None) -> None:
 
     label = {"transformers": "transformers (PyTorch, fp32)", ("onnxruntime", None): "ONNX Runtime fp32",
              ("openvino", "f32"): "OpenVINO CPU f32", ("openvino", "bf16"): "OpenVINO CPU bf16"}
-    print(f"\n{args.size} stand-in: {params / 1e6:.1f} M text parameters, canvas {canvas}, "
+    name = "embedded demo model" if args.size == "tiny" else "medium stand-in (seeded random weights)"
+    print(f"\n{name}: {params / 1e6:.1f} M text parameters, canvas {canvas}, "
           f"{args.threads} threads, {args.seeds} generations of up to {settings.max_new_tokens} tokens "
           f"(max {settings.max_denoising_steps} steps/block)\n")
     print("| backend | denoiser step ms | step speed-up | generation s | steps | generation speed-up | tokens identical to transformers |")

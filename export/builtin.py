@@ -1,14 +1,15 @@
-"""The embedded default model: a small DiffusionGemma built deterministically on first use, no network needed.
+"""The embedded default model and the tiny checkpoints that tests and benchmarks build from configs.
 
-Its weights are random (seeded), so it exercises every part of the architecture — sliding and full layers,
-K=V full attention, routed experts, self-conditioning — but does not write sensible text.
+`builtin:tiny` is the demo model trained by `python -m dg_export.demo.train` and shipped in
+export/demo/checkpoint (config, safetensors, tokenizer). `build_checkpoint` writes seeded random checkpoints of
+any shape, no network needed.
 """
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from dg_runtime.errors import UserError
 
 BUILTIN_ID = "builtin:tiny"
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
@@ -50,9 +51,12 @@ GENERATION_CONFIG = {
 }
 
 
+DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "checkpoint"
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "dg-edge" / "builtin-tiny"
+    """Where benchmarks keep the stand-ins they build."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dg-edge"
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -100,16 +104,8 @@ def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_le
     return folder
 
 
-def ensure_builtin() -> Path:
-    """The embedded default checkpoint, built once into the user cache (atomically)."""
-    folder = cache_dir()
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".builtin-", dir=folder.parent))
-    try:
-        build_checkpoint(staging)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+def builtin_checkpoint() -> Path:
+    if not (DEMO_CHECKPOINT / "config.json").is_file():
+        raise UserError(f"the embedded demo checkpoint is missing from {DEMO_CHECKPOINT}; reinstall dg-edge or "
+                        "retrain it with `python -m dg_export.demo.train`")
+    return DEMO_CHECKPOINT

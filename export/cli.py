@@ -1,7 +1,6 @@
 """dg-export MODEL -o OUT: trace, convert, validate and write a self-describing artifact folder atomically."""
 
 import argparse
-import errno
 import json
 import shutil
 import sys
@@ -10,10 +9,10 @@ import time
 from pathlib import Path
 
 from dg_runtime.artifact import FORMAT_VERSION, GRAPH_NAMES, write_manifest
-from dg_runtime.errors import UserError
+from dg_runtime.errors import UserError, run_cli
 
 from . import __version__
-from .builtin import BUILTIN_ID, ensure_builtin
+from .builtin import BUILTIN_ID, builtin_checkpoint
 from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
 
@@ -61,8 +60,8 @@ class Progress:
         return time.perf_counter() - self.started
 
 
-def export(args) -> Path:
-    folder = ensure_builtin() if args.model == BUILTIN_ID else resolve(args.model, need_weights=not args.dry_run)
+def export(args) -> None:
+    folder = builtin_checkpoint() if args.model == BUILTIN_ID else resolve(args.model, need_weights=not args.dry_run)
     raw_config = read_config(folder)
     recipe = load_recipe(args.recipe)
     formats = FORMATS[args.format] if args.format else recipe["formats"]
@@ -71,7 +70,7 @@ def export(args) -> Path:
         from .source import load_config
 
         print_plan(load_config(folder), args.model, formats)
-        return folder
+        return
     output = args.output or Path(f"{Path(args.model.replace(':', '-')).name}.dg")
     if output.exists() and not args.overwrite:
         raise UserError(f"output folder {output} exists; pass --overwrite to replace it, or choose another -o")
@@ -92,7 +91,6 @@ def export(args) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"\nwrote {output}: {summary}")
-    return output
 
 
 def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: list[str], staging: Path) -> str:
@@ -207,21 +205,7 @@ def folder_revision(folder: Path) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        export(args)
-    except UserError as exc:
-        print(f"dg-export: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dg-export: interrupted; no artifact was written", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            print("dg-export: error: the disk is full; free space and run again (no artifact was written)",
-                  file=sys.stderr)
-            return 1
-        raise
-    return 0
+    return run_cli("dg-export", lambda: export(args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .backends import BACKENDS
-from .errors import UserError
+from .errors import UserError, run_cli
 from .generate import Block, DiffusionGemma, Done, Draft
 
 
@@ -106,7 +106,8 @@ def run(args) -> int:
     else:
         if args.visual:
             sys.stdout.write(f"\x1b[H\x1b[2J{shown}")
-        print(f"\n\n[{stats.blocks} block(s), steps per block {stats.steps_per_block}, "
+        print(flush=True)
+        print(f"\n[{stats.blocks} block(s), steps per block {stats.steps_per_block}, "
               f"{stats.tokens_per_forward:.2f} tokens/forward, load {stats.load_ms:.0f} ms, "
               f"prefill {stats.prefill_ms:.1f} ms, {stats.step_ms:.1f} ms/step, {stats.tokens_per_second:.1f} tokens/s]",
               file=sys.stderr)
@@ -115,14 +116,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"dg-run: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ndg-run: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("dg-run", lambda: run(args))
 
 
 if __name__ == "__main__":

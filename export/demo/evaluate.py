@@ -1,0 +1,81 @@
+"""Exact-match accuracy and tokens per forward of the demo model on held-out problems, with default generation
+settings, under transformers and under exported artifacts — all driven by the same noise per problem.
+
+    python -m dg_export.demo.evaluate [--checkpoint DIR] [--artifact DIR] [--problems 200]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dg_runtime import DiffusionGemma, NoiseSource, Settings
+from dg_runtime.generate import trim_reply
+from dg_runtime.text import TextCodec
+
+from ..reference import generate_with_noise
+from .tasks import held_out
+from .train import chat_prompt
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint"
+
+
+def score(answers: list[str], expected: list[str], tokens_per_forward: list[float], seconds: float) -> dict:
+    correct = sum(a == e for a, e in zip(answers, expected))
+    return {"accuracy": correct / len(expected), "tokens_per_forward": float(np.mean(tokens_per_forward)),
+            "seconds": seconds}
+
+
+def evaluate_transformers(checkpoint: Path, problems, codec: TextCodec) -> tuple[dict, list]:
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    settings = Settings.from_generation_config(json.loads((checkpoint / "generation_config.json").read_text()))
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    answers, rates, started = [], [], time.perf_counter()
+    for seed, (instruction, _) in enumerate(problems):
+        ids = np.array([chat_prompt(codec, instruction)])
+        tokens, drafts = generate_with_noise(model, ids, settings, NoiseSource(seed))
+        answers.append(codec.decode(trim_reply(tokens[0], eos, pad)))
+        rates.append(int((tokens[0, : settings.max_new_tokens] != pad).sum()) / len(drafts))  # as transformers counts
+    return score(answers, [a for _, a in problems], rates, time.perf_counter() - started), answers
+
+
+def evaluate_artifact(artifact: Path, backend: str, problems) -> tuple[dict, list]:
+    model = DiffusionGemma(artifact, backend)
+    answers, rates, started = [], [], time.perf_counter()
+    for seed, (instruction, _) in enumerate(problems):
+        done = model.generate([chat_prompt(model.text, instruction)], noise=NoiseSource(seed))
+        answers.append(model.text.decode(trim_reply(done.tokens[0], model.eos_ids, model.pad_id)))
+        rates.append(done.stats.tokens_per_forward)
+    return score(answers, [a for _, a in problems], rates, time.perf_counter() - started), answers
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dg_export.demo.evaluate")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--artifact", type=Path, help="also evaluate this exported artifact on both backends")
+    parser.add_argument("--problems", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    problems = held_out(args.problems)
+    codec = TextCodec(args.checkpoint)
+    rows = {"transformers": evaluate_transformers(args.checkpoint, problems, codec)}
+    if args.artifact:
+        for backend in ("onnxruntime", "openvino"):
+            rows[backend] = evaluate_artifact(args.artifact, backend, problems)
+    reference_answers = rows["transformers"][1]
+    print(f"\n{len(problems)} held-out problems, default generation settings, same noise per problem\n")
+    print("| runtime | exact match | tokens per forward | answers identical to transformers | seconds |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (result, answers) in rows.items():
+        same = sum(a == b for a, b in zip(answers, reference_answers)) / len(problems)
+        print(f"| {name} | {result['accuracy'] * 100:.1f} % | {result['tokens_per_forward']:.2f} | "
+              f"{same * 100:.1f} % | {result['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

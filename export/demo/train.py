@@ -1,0 +1,128 @@
+"""Train the embedded demo model from scratch on this machine's CPU.
+
+    python -m dg_export.demo.train [--out export/demo/checkpoint] [--steps 3000] [--seed 0]
+
+The objective is the one the model is sampled with: the prompt is read by the causal encoder; the canvas (one
+block of the answer, then EOS, then pad) gets uniform-state noise — a sampled fraction of its tokens replaced by
+random vocabulary tokens — and the denoiser predicts the clean block. Half of the batches first run without
+self-conditioning and feed their own (tempered) prediction back, as the sampler does from the second step on.
+Answers longer than a canvas are trained block by block, with the earlier blocks clean in the encoder, so block
+transitions and EOS-then-pad are learned.
+"""
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from dg_runtime.text import TextCodec
+
+from ..builtin import GENERATION_CONFIG, TEXT_CONFIG, TINY_VISION_CONFIG, write_tokenizer
+from .tasks import TASKS, held_out, problem
+
+CANVAS = 32
+EOS, PAD = 4, 0  # <end_of_turn> ends an answer, as in Gemma's chat format
+
+
+def model_config():
+    from transformers import DiffusionGemmaConfig
+
+    return DiffusionGemmaConfig(text_config=TEXT_CONFIG, vision_config=TINY_VISION_CONFIG, canvas_length=CANVAS)
+
+
+def chat_prompt(codec: TextCodec, instruction: str) -> list[int]:
+    return codec.chat_ids([{"role": "user", "content": instruction}])
+
+
+def make_batch(rng: random.Random, codec: TextCodec, batch: int, excluded: set):
+    """A batch of one task (so prompts align without padding) at one block of the answer."""
+    task = rng.choice(sorted(TASKS))
+    rows = []
+    while len(rows) < batch:
+        instruction, answer = problem(rng, task)
+        if instruction not in excluded:
+            rows.append((chat_prompt(codec, instruction), codec.encode(answer) + [EOS]))
+    block = rng.randrange(math.ceil(min(len(a) for _, a in rows) / CANVAS))
+    inputs = torch.tensor([p + a[: block * CANVAS] for p, a in rows])
+    targets = torch.tensor([(a[block * CANVAS:] + [PAD] * CANVAS)[:CANVAS] for _, a in rows])
+    return inputs, targets
+
+
+def add_noise(targets: torch.Tensor, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform-state noise: each example replaces a fraction t of its canvas with random tokens; t = 1 (a pure
+    noise canvas, the sampler's first step) for a quarter of the examples, t ~ U(0.05, 1) for the rest."""
+    t = torch.rand(targets.shape[0], 1, generator=generator).clamp(min=0.05)
+    t[torch.rand(targets.shape[0], generator=generator) < 0.25] = 1.0
+    replace = torch.rand(targets.shape, generator=generator) < t
+    return torch.where(replace, torch.randint(0, vocab, targets.shape, generator=generator), targets)
+
+
+def train(out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_tokenizer(staging)
+    codec = TextCodec(staging)
+    excluded = {instruction for instruction, _ in held_out(200)}
+
+    model = DiffusionGemmaForBlockDiffusion(model_config()).train()
+    vocab = model.config.text_config.vocab_size
+    params = [p for n, p in model.named_parameters() if "vision" not in n]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s / steps, 1)))))
+    started, running = time.perf_counter(), None
+    for step in range(steps):
+        inputs, targets = make_batch(rng, codec, batch, excluded)
+        noisy = add_noise(targets, vocab, generator)
+        self_conditioning = None
+        if torch.rand(1, generator=generator).item() < 0.5:
+            with torch.no_grad():
+                temperature = 0.4 + 0.4 * torch.rand(1, generator=generator).item()
+                self_conditioning = model(input_ids=inputs, decoder_input_ids=noisy).logits / temperature
+        logits = model(input_ids=inputs, decoder_input_ids=noisy, self_conditioning_logits=self_conditioning).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step:5d}/{steps}  loss {running:.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    model.eval().save_pretrained(staging, safe_serialization=True)
+    (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    (staging / "training.json").write_text(json.dumps(
+        {"steps": steps, "seed": seed, "batch": batch, "lr": lr, "canvas_length": CANVAS,
+         "tasks": sorted(TASKS), "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dg_export.demo.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    train(args.out, args.steps, args.seed, args.batch, args.lr)
+
+
+if __name__ == "__main__":
+    main()
