@@ -9,7 +9,6 @@ import torch
 # Example sizes for tracing the symbolic axes: distinct and above 1, so that torch.export neither specialises
 # them nor ties two axes together by accident.
 TRACE_SIZES = {"batch": 2, "new_tokens": 7, "past_sliding": 5, "past_full": 11}
-TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
 
 
 def kv_layout(text_config) -> list[dict]:

@@ -67,7 +67,7 @@ def print_plan(config, model_name: str, formats: list[str]) -> None:
             if kv:
                 print(f"    {kind[:-1]:6} {kv[0]['name'].split('.')[0]}.{{0..{text.num_hidden_layers - 1}}}.{{key,value}}"
                       f" float32 (sliding: {format_shape(kv[0]['shape'])}, full: {format_shape(kv[-1]['shape'])})")
-    print(f"  artifact size per format (weights stored once, shared by both graphs):")
+    print("  artifact size per format (weights stored once, shared by both graphs):")
     for precision, per_weight in BYTES_PER_WEIGHT.items():
         print(f"    {precision:5} {counts['total'] * per_weight / GB:8.1f} GB")
     full_kv, sliding_kv = kv_bytes_per_token(config)

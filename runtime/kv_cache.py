@@ -28,9 +28,3 @@ class KVCache:
             keep = self.keep[i // 2]
             self.tensors[i] = merged[:, :, -keep:] if keep is not None and merged.shape[2] > keep else merged
         self.length += presents[0].shape[2]
-
-    def copy(self) -> "KVCache":
-        clone = object.__new__(KVCache)
-        clone.layout, clone.keep, clone.length = self.layout, self.keep, self.length
-        clone.tensors = list(self.tensors)  # arrays are never written in place
-        return clone

@@ -1,12 +1,15 @@
 """The exported graphs against transformers' modules, on ONNX Runtime and OpenVINO (fp32, atol 1e-4)."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from transformers import DynamicCache
 
 from conftest import CONFIGS
+from dg_export.graphs import kv_layout
 from dg_export.modules import Denoiser, Encoder
+from dg_export.onnx_graphs import INLINE_BYTES
 from dg_export.validate import validate
 from dg_runtime.artifact import load_manifest
 
@@ -35,9 +38,7 @@ def test_export_friendly_modules_equal_transformers(exported, hf_model):
     with torch.no_grad():
         cache = DynamicCache(config=text)
         model.model.encoder(input_ids=ids, past_key_values=cache, position_ids=torch.arange(11)[None])
-        empty = [torch.zeros(2, layer.num_key_value_heads if hasattr(layer, "num_key_value_heads") else
-                             text.per_layer_config[i].num_key_value_heads, 0, text.per_layer_config[i].head_dim)
-                 for i, layer in enumerate(model.model.encoder.language_model.layers) for _ in range(2)]
+        empty = [torch.zeros(2, layer["kv_heads"], 0, layer["head_dim"]) for layer in kv_layout(text) for _ in range(2)]
         presents = Encoder(model)(ids, torch.arange(11)[None].expand(2, 11), *empty)
         for i, layer in enumerate(cache.layers):
             kept = layer.keys.shape[2]
@@ -63,6 +64,10 @@ def test_artifact_is_self_describing_and_stores_weights_once(exported, hf_model)
         weights = (artifact / manifest["formats"][fmt]["weights"]).stat().st_size
         # about 1x the fp32 parameter bytes: constants under 1 KB (norm scales) stay inline in the graphs
         assert 0.95 * 4 * params <= weights <= 1.05 * 4 * params, (fmt, weights, 4 * params)
-        graph_bytes = sum((artifact / p).stat().st_size for p in manifest["formats"][fmt]["graphs"].values())
-        assert graph_bytes < weights * 2  # the graphs hold structure, not another copy of the weights
+    for graph in manifest["formats"]["onnx"]["graphs"].values():  # no second copy of a weight inside a graph
+        model = onnx.load(str(artifact / graph), load_external_data=False)
+        inline = [t.name for t in model.graph.initializer
+                  if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= INLINE_BYTES]
+        assert not inline, inline
+    assert sorted(p.name for p in (artifact / "openvino").iterdir()) == ["denoiser.xml", "encoder.xml", "weights.bin"]
     assert all(np.isfinite(r["diff"]) and r["ok"] for r in manifest["validation"]["results"])
