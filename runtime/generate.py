@@ -106,8 +106,7 @@ class DiffusionGemma:
         started = time.perf_counter()
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, verify_checksums=verify)
-        backend = backend or ("onnxruntime" if "onnx" in self.manifest["formats"] else "openvino")
-        self.backend = backend
+        self.backend = backend or ("onnxruntime" if "onnx" in self.manifest["formats"] else "openvino")
         model = self.manifest["model"]
         self.canvas_length, self.vocab_size = model["canvas_length"], model["vocab_size"]
         self.hidden_size, self.max_positions = model["hidden_size"], model["max_position_embeddings"]
@@ -116,8 +115,8 @@ class DiffusionGemma:
         generation = self.folder / "generation_config.json"
         self.defaults = Settings.from_generation_config(json.loads(generation.read_text()) if generation.is_file() else {})
         self.text = TextCodec(self.folder)
-        self.encoder = open_graph(self.folder, self.manifest, "encoder", backend, device, threads, precision)
-        self.denoiser = open_graph(self.folder, self.manifest, "denoiser", backend, device, threads, precision)
+        self.encoder = open_graph(self.folder, self.manifest, "encoder", self.backend, device, threads, precision)
+        self.denoiser = open_graph(self.folder, self.manifest, "denoiser", self.backend, device, threads, precision)
         self.load_ms = (time.perf_counter() - started) * 1000
 
     def new_cache(self, batch: int = 1) -> KVCache:
