@@ -110,9 +110,9 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     expected, steps = [], []
     for seed, ids in enumerate(prompts):
-        tokens, drafts = reference.generate_with_noise(model, ids, settings, NoiseSource(seed))
+        tokens, recorder = reference.generate_with_noise(model, ids, settings, NoiseSource(seed))
         expected.append(tokens[:, : settings.max_new_tokens])
-        steps.append(len(drafts))
+        steps.append(len(recorder.logits))
     results["transformers"] = (time.perf_counter() - started, sum(steps), 1.0)
     for key, runtime in runtimes.items():
         started, same, total, n_steps = time.perf_counter(), 0, 0, 0

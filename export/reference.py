@@ -57,13 +57,15 @@ def denoise(model, cache, canvas_ids, self_conditioning_logits, position_ids, te
 
 
 class DraftRecorder:
-    """A transformers streamer that keeps each step's argmax canvas."""
+    """A transformers streamer that keeps each step's processed (tempered) logits; their argmax is the draft."""
+
+    _takes_logits = True  # transformers then passes the step's processed logits to put_draft
 
     def __init__(self):
-        self.drafts = []
+        self.logits = []
 
-    def put_draft(self, value):
-        self.drafts.append(value.numpy().copy())
+    def put_draft(self, logits):
+        self.logits.append(logits.numpy().copy())
 
     def put(self, value):
         pass
@@ -72,10 +74,18 @@ class DraftRecorder:
         pass
 
 
+def probability_margin(logits: np.ndarray, row: int, position: int) -> float:
+    """Top-1 minus top-2 probability of one position's tempered distribution."""
+    z = logits[row, position].astype(np.float64)
+    p = np.exp(z - z.max())
+    top = np.sort(p / p.sum())[-2:]
+    return float(top[1] - top[0])
+
+
 def generate_with_noise(model, input_ids: np.ndarray, settings: Settings, noise: NoiseSource):
     """transformers' generate, drawing its canvases, renoise tokens and samples from `noise` in the runtime's order.
 
-    Returns the generated tokens [B, blocks * canvas] and the argmax canvas of every step.
+    Returns the generated tokens [B, blocks * canvas] and the DraftRecorder (every step's processed logits).
     """
     def initialize_canvas(sampler, batch_size, device):
         return torch.from_numpy(noise.tokens((batch_size, sampler.canvas_length), sampler.vocab_size))
@@ -93,4 +103,4 @@ def generate_with_noise(model, input_ids: np.ndarray, settings: Settings, noise:
             t_max=settings.t_max, t_min=settings.t_min, stability_threshold=settings.stability_threshold,
             confidence_threshold=settings.confidence_threshold,
         )
-    return out.sequences[:, input_ids.shape[1]:].numpy(), recorder.drafts
+    return out.sequences[:, input_ids.shape[1]:].numpy(), recorder

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS
-from dg_export.reference import generate_with_noise
+from dg_export.reference import generate_with_noise, probability_margin
 from dg_runtime import Block, DiffusionGemma, Draft, NoiseSource, Settings
 
 # Settings chosen so that the seeds cover several blocks, EOS inside a canvas, stops on max steps, and adaptive
@@ -21,12 +21,17 @@ SCENARIOS = [
 ]
 
 
-def first_divergence(ours: list[np.ndarray], theirs: list[np.ndarray]) -> str:
-    for step, (a, b) in enumerate(zip(ours, theirs)):
-        if not np.array_equal(a, b):
-            row, pos = np.argwhere(a != b)[0]
-            return f"first differing draft: global step {step + 1}, row {row}, position {pos}: {a[row, pos]} vs {b[row, pos]}"
-    return f"drafts agree; step counts differ ({len(ours)} vs {len(theirs)})"
+def first_divergence(ours: list, recorder) -> str:
+    """Where the runtime's drafts first differ from transformers': block, step, position, and how close
+    transformers' own choice was (the probability margin between its top two tokens there)."""
+    for (block, step, canvas), logits in zip(ours, recorder.logits):
+        theirs = logits.argmax(-1)
+        if not np.array_equal(canvas, theirs):
+            row, pos = np.argwhere(canvas != theirs)[0]
+            return (f"block {block}, step {step}, row {row}, position {pos}: runtime {canvas[row, pos]} vs "
+                    f"transformers {theirs[row, pos]} (transformers' top-2 probability margin "
+                    f"{probability_margin(logits, row, pos):.3g})")
+    return f"drafts agree; step counts differ ({len(ours)} vs {len(recorder.logits)})"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -41,18 +46,18 @@ def test_same_noise_same_tokens(exported, hf_model, name, backend):
         settings = SCENARIOS[seed % len(SCENARIOS)]
         batch = 2 if seed % 4 == 3 else 1
         prompt = np.random.default_rng(seed).integers(5, vocab, (batch, 3 + 5 * seed % 23))
-        expected, hf_drafts = generate_with_noise(model, prompt, settings, NoiseSource(seed))
+        expected, recorder = generate_with_noise(model, prompt, settings, NoiseSource(seed))
 
         drafts, blocks = [], []
         for event in runtime.stream(prompt, settings, noise=NoiseSource(seed)):
             if isinstance(event, Draft):
-                drafts.append(event.canvas.copy())
+                drafts.append((event.block, event.step, event.canvas.copy()))
             elif isinstance(event, Block):
                 blocks.append(event)
         ours = event.tokens
         n = ours.shape[1]
         assert np.array_equal(ours, expected[:, :n]), (
-            f"seed {seed}, {settings}: {first_divergence(drafts, hf_drafts)}")
+            f"seed {seed}, {settings}: {first_divergence(drafts, recorder)}")
 
         seen["blocks>1"] += len(blocks) > 1
         seen["eos mid-canvas"] += any(np.isin(b.tokens[:, :-1], runtime.eos_ids).any() for b in blocks)

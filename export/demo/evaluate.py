@@ -38,9 +38,9 @@ def evaluate_transformers(checkpoint: Path, problems, codec: TextCodec) -> tuple
     answers, rates, started = [], [], time.perf_counter()
     for seed, (instruction, _) in enumerate(problems):
         ids = np.array([chat_prompt(codec, instruction)])
-        tokens, drafts = generate_with_noise(model, ids, settings, NoiseSource(seed))
+        tokens, recorder = generate_with_noise(model, ids, settings, NoiseSource(seed))
         answers.append(codec.decode(trim_reply(tokens[0], eos, pad)))
-        rates.append(int((tokens[0, : settings.max_new_tokens] != pad).sum()) / len(drafts))  # as transformers counts
+        rates.append(int((tokens[0, : settings.max_new_tokens] != pad).sum()) / len(recorder.logits))  # as transformers counts
     return score(answers, [a for _, a in problems], rates, time.perf_counter() - started), answers
 
 
