@@ -2,6 +2,8 @@
 settings, under transformers and under exported artifacts — all driven by the same noise per problem.
 
     python -m dg_export.demo.evaluate [--checkpoint DIR] [--artifact DIR] [--problems 200]
+
+With an artifact it also runs 30 two-turn chats through `dg_runtime.Chat`, whose second turn reuses the cache.
 """
 
 import argparse
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dg_runtime import DiffusionGemma, NoiseSource, Settings
+from dg_runtime import Chat, DiffusionGemma, NoiseSource, Settings
 from dg_runtime.generate import trim_reply
 from dg_runtime.text import TextCodec
 
@@ -54,6 +56,19 @@ def evaluate_artifact(artifact: Path, backend: str, problems) -> tuple[dict, lis
     return score(answers, [a for _, a in problems], rates, time.perf_counter() - started), answers
 
 
+def evaluate_chats(artifact: Path, backend: str, problems) -> tuple[int, int]:
+    """Two-turn chats through dg_runtime.Chat (the second turn reuses the cache): turns answered right."""
+    model = DiffusionGemma(artifact, backend)
+    right = 0
+    for i in range(0, len(problems) - 1, 2):
+        chat = Chat(model)
+        for instruction, answer in problems[i : i + 2]:
+            for _ in chat.stream(instruction, seed=i):
+                pass
+            right += chat.messages[-1]["content"] == answer
+    return right, len(problems) // 2 * 2
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dg_export.demo.evaluate")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -75,6 +90,11 @@ def main(argv=None) -> None:
         same = sum(a == b for a, b in zip(answers, reference_answers)) / len(problems)
         print(f"| {name} | {result['accuracy'] * 100:.1f} % | {result['tokens_per_forward']:.2f} | "
               f"{same * 100:.1f} % | {result['seconds']:.1f} |")
+    if args.artifact:
+        chats = held_out(60, seed=999)
+        for backend in ("onnxruntime", "openvino"):
+            right, total = evaluate_chats(args.artifact, backend, chats)
+            print(f"\ntwo-turn chats through dg_runtime.Chat on {backend}: {right} of {total} turns right")
 
 
 if __name__ == "__main__":

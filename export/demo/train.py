@@ -7,7 +7,7 @@ block of the answer, then EOS, then pad) gets uniform-state noise — a sampled 
 random vocabulary tokens — and the denoiser predicts the clean block. Half of the batches first run without
 self-conditioning and feed their own (tempered) prediction back, as the sampler does from the second step on.
 Answers longer than a canvas are trained block by block, with the earlier blocks clean in the encoder, so block
-transitions and EOS-then-pad are learned.
+transitions and EOS-then-pad are learned; a third of the prompts are second turns of a chat.
 """
 
 import argparse
@@ -40,13 +40,23 @@ def chat_prompt(codec: TextCodec, instruction: str) -> list[int]:
 
 
 def make_batch(rng: random.Random, codec: TextCodec, batch: int, excluded: set):
-    """A batch of one task (so prompts align without padding) at one block of the answer."""
+    """A batch of one task (so prompts align without padding) at one block of the answer.
+
+    A third of the batches are second turns of a chat (an earlier problem and its answer come first), so the
+    model also answers in a conversation whose history is in the cache.
+    """
     task = rng.choice(sorted(TASKS))
+    earlier_task = rng.choice(sorted(TASKS)) if rng.random() < 1 / 3 else None
     rows = []
     while len(rows) < batch:
+        history = []
+        if earlier_task:
+            earlier, earlier_answer = problem(rng, earlier_task)
+            history = [{"role": "user", "content": earlier}, {"role": "assistant", "content": earlier_answer}]
         instruction, answer = problem(rng, task)
         if instruction not in excluded:
-            rows.append((chat_prompt(codec, instruction), codec.encode(answer) + [EOS]))
+            prompt = codec.chat_ids([*history, {"role": "user", "content": instruction}])
+            rows.append((prompt, codec.encode(answer) + [EOS]))
     block = rng.randrange(math.ceil(min(len(a) for _, a in rows) / CANVAS))
     inputs = torch.tensor([p + a[: block * CANVAS] for p, a in rows])
     targets = torch.tensor([(a[block * CANVAS:] + [PAD] * CANVAS)[:CANVAS] for _, a in rows])
@@ -117,7 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
