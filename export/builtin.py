@@ -77,6 +77,14 @@ def write_tokenizer(folder: Path) -> None:
     }, indent=2))
 
 
+def tiny_config(text_overrides: dict | None = None, canvas_length: int = 256):
+    """A DiffusionGemmaConfig from TEXT_CONFIG (with overrides) and the tiny vision tower."""
+    from transformers import DiffusionGemmaConfig
+
+    return DiffusionGemmaConfig(text_config={**TEXT_CONFIG, **(text_overrides or {})},
+                                vision_config=TINY_VISION_CONFIG, canvas_length=canvas_length)
+
+
 def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_length: int = 256, seed: int = 0,
                      embedding_std: float | None = None) -> Path:
     """Write a seeded random DiffusionGemma checkpoint (config, safetensors, tokenizer) into `folder`.
@@ -85,13 +93,9 @@ def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_le
     layers keep their small standard init, so the network stays well-conditioned.
     """
     import torch
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion
 
-    config = DiffusionGemmaConfig(
-        text_config={**TEXT_CONFIG, **(text_overrides or {})},
-        vision_config=TINY_VISION_CONFIG,
-        canvas_length=canvas_length,
-    )
+    config = tiny_config(text_overrides, canvas_length)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     if embedding_std is not None:

@@ -162,10 +162,11 @@ class DiffusionGemma:
             pending = block
 
         tokens = np.concatenate(blocks, axis=1)[:, : settings.max_new_tokens]
-        generated = int((tokens != self.pad_id).sum())
+        per_row = (tokens != self.pad_id).sum(axis=1)
+        generated = int(per_row.sum())
         total_steps = sum(stats.steps_per_block)
         stats.blocks, stats.tokens = len(blocks), generated
-        stats.tokens_per_forward = float(np.mean((tokens != self.pad_id).sum(axis=1) / np.maximum(forward_passes, 1)))
+        stats.tokens_per_forward = float(np.mean(per_row / np.maximum(forward_passes, 1)))
         stats.step_ms = step_seconds * 1000 / max(total_steps, 1)
         stats.tokens_per_second = generated / max(time.perf_counter() - started, 1e-9)
         yield Done(tokens, stats)

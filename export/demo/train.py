@@ -22,17 +22,11 @@ import torch
 
 from dg_runtime.text import TextCodec
 
-from ..builtin import GENERATION_CONFIG, TEXT_CONFIG, TINY_VISION_CONFIG, write_tokenizer
+from ..builtin import GENERATION_CONFIG, tiny_config, write_tokenizer
 from .tasks import TASKS, held_out, problem
 
 CANVAS = 32
 EOS, PAD = 4, 0  # <end_of_turn> ends an answer, as in Gemma's chat format
-
-
-def model_config():
-    from transformers import DiffusionGemmaConfig
-
-    return DiffusionGemmaConfig(text_config=TEXT_CONFIG, vision_config=TINY_VISION_CONFIG, canvas_length=CANVAS)
 
 
 def chat_prompt(codec: TextCodec, instruction: str) -> list[int]:
@@ -85,7 +79,7 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
     codec = TextCodec(staging)
     excluded = {instruction for instruction, _ in held_out(200)}
 
-    model = DiffusionGemmaForBlockDiffusion(model_config()).train()
+    model = DiffusionGemmaForBlockDiffusion(tiny_config(canvas_length=CANVAS)).train()
     vocab = model.config.text_config.vocab_size
     params = [p for n, p in model.named_parameters() if "vision" not in n]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
