@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dg_runtime.artifact import FORMAT_VERSION, GRAPH_NAMES, write_manifest
 from dg_runtime.errors import UserError, run_cli
 
@@ -94,40 +96,47 @@ def export(args) -> None:
 
 
 def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: list[str], staging: Path) -> str:
-    from .graphs import graph_specs, kv_layout
-    from .onnx_graphs import WEIGHTS_FILE, share_weights, trace
-    from .source import load_model
+    import onnx
 
-    progress = Progress(4 + 2 * len(GRAPH_NAMES) + ("openvino" in formats) + (not args.no_validate))
-    with progress.stage(f"loading {args.model}"):
-        model = load_model(folder)
-    config, text = model.config, model.config.text_config
+    from .builder import build_graphs
+    from .checkpoint import Checkpoint
+    from .graphs import graph_specs, kv_layout
+    from .source import load_config
+    from .weights import STORED_BYTES, WEIGHTS_FILE, Weights, expected_shapes, progress_bar
+
+    progress = Progress(4 + ("openvino" in formats) + (not args.no_validate))
+    with progress.stage(f"reading {args.model}"):
+        config, checkpoint = load_config(folder), Checkpoint(folder)
+        shapes = expected_shapes(config)
+    text = config.text_config
     specs = graph_specs(config)
 
-    onnx_dir = staging / "onnx"
-    onnx_dir.mkdir()
-    for graph in GRAPH_NAMES:
-        with progress.stage(f"tracing {graph} to ONNX"):
-            trace(model, graph, specs[graph], onnx_dir / f"{graph}.onnx")
-    with progress.stage("storing shared ONNX weights once"):
-        share_weights(onnx_dir, [f"{g}.onnx" for g in GRAPH_NAMES])
+    params = sum(int(np.prod(checkpoint.shape(n))) for n in checkpoint.names() if n in shapes)
+    with progress.stage("building graphs and streaming weights"):
+        bar = progress_bar(params * STORED_BYTES[recipe["weights"]], "weights")
+        weights = Weights(staging / WEIGHTS_FILE, checkpoint, recipe["weights"], shapes, bar)
+        try:
+            graphs = build_graphs(config, weights)
+        finally:
+            weights.close()
+            bar.close()
+        for graph, model in graphs.items():
+            onnx.save(model, str(staging / f"{graph}.onnx"))
     if "openvino" in formats:
         from . import openvino_graphs
 
-        ov_dir = staging / "openvino"
-        ov_dir.mkdir()
-        for graph in GRAPH_NAMES:
-            with progress.stage(f"converting {graph} to OpenVINO IR"):
-                openvino_graphs.convert(onnx_dir / f"{graph}.onnx", ov_dir / f"{graph}.xml")
-        with progress.stage("storing shared OpenVINO weights once"):
-            openvino_graphs.share_weights(ov_dir, [f"{g}.xml" for g in GRAPH_NAMES])
+        with progress.stage("converting graphs to OpenVINO IR"):
+            for graph, model in graphs.items():
+                openvino_graphs.convert(model, staging / f"{graph}.xml", staging / WEIGHTS_FILE)
 
     with progress.stage("copying config and tokenizer"):
         for name in ("config.json", *TOKENIZER_FILES, *OPTIONAL_FILES):
             if (folder / name).is_file():
                 shutil.copy2(folder / name, staging / name)
         if not (staging / "generation_config.json").is_file():
-            (staging / "generation_config.json").write_text(model.generation_config.to_json_string())
+            from transformers import GenerationConfig
+
+            (staging / "generation_config.json").write_text(GenerationConfig.from_model_config(config).to_json_string())
 
     generation = json.loads((staging / "generation_config.json").read_text())
     eos = generation.get("eos_token_id", text.eos_token_id)
@@ -155,15 +164,17 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
         "formats": {},
     }
     if "onnx" in formats:
-        manifest["formats"]["onnx"] = {"graphs": {g: f"onnx/{g}.onnx" for g in GRAPH_NAMES}, "weights": f"onnx/{WEIGHTS_FILE}"}
+        manifest["formats"]["onnx"] = {"graphs": {g: f"{g}.onnx" for g in GRAPH_NAMES}, "weights": WEIGHTS_FILE}
     if "openvino" in formats:
-        manifest["formats"]["openvino"] = {"graphs": {g: f"openvino/{g}.xml" for g in GRAPH_NAMES},
-                                           "weights": "openvino/weights.bin"}
+        manifest["formats"]["openvino"] = {"graphs": {g: f"{g}.xml" for g in GRAPH_NAMES}, "weights": WEIGHTS_FILE}
 
     if not args.no_validate:
         from .validate import validate
 
         with progress.stage("validating against transformers"):
+            from .source import load_model
+
+            model = load_model(folder)
             rows = validate(model, staging, manifest, ["onnxruntime" if f == "onnx" else f for f in formats], args.atol)
         manifest["validation"] = {"atol": args.atol, "results": rows}
         print_validation(rows)
@@ -174,13 +185,13 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
                             f"{worst['graph']} {worst['output']} = {worst['diff']:.3g} (atol {args.atol}); "
                             "nothing was written")
     if "onnx" not in formats:
-        shutil.rmtree(onnx_dir)
+        for graph in GRAPH_NAMES:
+            (staging / f"{graph}.onnx").unlink()
 
     with progress.stage("writing manifest and checksums"):
         write_manifest(staging, manifest)
     seconds = progress.close()
     size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
-    params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
     return (f"{', '.join(formats)} graphs, {params / 1e6:.2f} M text parameters, {size / 1e6:.1f} MB on disk, "
             f"{seconds:.0f} s")
 

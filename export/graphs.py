@@ -1,14 +1,8 @@
 """The two graphs' interfaces, derived from the model config alone.
 
-One description serves the exporter (input names, dynamic axes, example inputs for tracing), the manifest
+One description serves the graph builder (input and output names, dtypes, symbolic shapes), the manifest
 (which the runtime checks its sessions against) and `--dry-run`.
 """
-
-import torch
-
-# Example sizes for tracing the symbolic axes: distinct and above 1, so that torch.export neither specialises
-# them nor ties two axes together by accident.
-TRACE_SIZES = {"batch": 2, "new_tokens": 7, "past_sliding": 5, "past_full": 11}
 
 
 def kv_layout(text_config) -> list[dict]:
@@ -65,23 +59,3 @@ def graph_specs(config) -> dict:
             ],
         },
     }
-
-
-def example_inputs(spec: dict, vocab_size: int) -> tuple:
-    """Random tensors with the spec's shapes at TRACE_SIZES, for tracing."""
-    generator = torch.Generator().manual_seed(0)
-    tensors = []
-    for entry in spec["inputs"]:
-        shape = [TRACE_SIZES.get(d, d) for d in entry["shape"]]
-        if entry["dtype"] == "int64":
-            tensors.append(torch.randint(0, vocab_size, shape, generator=generator))
-        else:
-            tensors.append(torch.rand(shape, generator=generator) + 0.5)
-    return tuple(tensors)
-
-
-def dynamic_shapes(spec: dict) -> tuple:
-    """torch.onnx.export's dynamic_shapes, shaped like the modules' (named..., *past) signatures."""
-    axes = [{i: d for i, d in enumerate(e["shape"]) if isinstance(d, str)} or None for e in spec["inputs"]]
-    named = sum(1 for e in spec["inputs"] if not e["name"].startswith("past."))
-    return (*axes[:named], tuple(axes[named:]))

@@ -1,42 +1,85 @@
-"""Convert the ONNX graphs to OpenVINO IR and make both IR files read one shared weights file."""
+"""OpenVINO IR for the built graphs, reading the same weights file as the ONNX graphs.
 
-import hashlib
+OpenVINO's converter would map (and so hold resident) every weight it reads. Instead it converts a copy of each
+ONNX graph in which the checkpoint tensors are inputs; each such input is then replaced by a Constant backed by
+untouched zero pages (no memory, no reads), the IR is saved, and every one of those Constants is pointed at its
+real bytes in the shared weights file. The few constants of the graph itself (shapes, axes, epsilon) are appended
+to that file. The IR's weights are therefore the ONNX graph's weights, byte for byte, stored once.
+"""
+
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
+import onnx
 import openvino as ov
 
-WEIGHTS_FILE = "weights.bin"
-ALIGNMENT = 64
+from .weights import ALIGNMENT
+
+ELEMENT_TYPES = {onnx.TensorProto.FLOAT: (ov.Type.f32, np.float32), onnx.TensorProto.FLOAT16: (ov.Type.f16, np.float16)}
 
 
-def convert(onnx_path: Path, xml_path: Path) -> None:
-    """ONNX -> IR, keeping fp32 weights (the default would compress them to fp16)."""
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+def external_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
 
 
-def share_weights(folder: Path, xml_files: list[str]) -> None:
-    """Point every Const of every IR at one deduplicated copy of its bytes in WEIGHTS_FILE.
+def convert(model: onnx.ModelProto, xml_path: Path, weights_path: Path) -> None:
+    """Write `xml_path` (+ a temporary .bin) whose checkpoint Constants point into `weights_path`."""
+    external = external_initializers(model)
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    del twin.graph.initializer[:]
+    twin.graph.initializer.extend(t for t in model.graph.initializer if t.name not in external)
+    for tensor in external.values():
+        twin.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    twin_path = xml_path.with_suffix(".twin.onnx")
+    onnx.save(twin, str(twin_path))
+    try:
+        ov_model = ov.convert_model(str(twin_path))
+    finally:
+        twin_path.unlink()
 
-    IR constants are (offset, size) slices of the model's .bin; rewriting them against a merged file keeps one
-    copy of the tied weights on disk, and OpenVINO maps that file once.
-    """
-    offsets: dict[str, int] = {}
-    with open(folder / WEIGHTS_FILE, "wb") as weights:
-        for name in xml_files:
-            xml_path = folder / name
-            own_bin = (folder / name).with_suffix(".bin").read_bytes()
-            tree = ET.parse(xml_path)
-            for data in tree.getroot().iter("data"):
-                if "offset" not in data.attrib or "size" not in data.attrib:
-                    continue
-                start, size = int(data.attrib["offset"]), int(data.attrib["size"])
-                chunk = own_bin[start : start + size]
-                key = hashlib.sha256(chunk).hexdigest()
-                if key not in offsets:
-                    weights.write(b"\0" * (-weights.tell() % ALIGNMENT))
-                    offsets[key] = weights.tell()
-                    weights.write(chunk)
-                data.set("offset", str(offsets[key]))
-            tree.write(xml_path, encoding="utf-8", xml_declaration=True)
-            xml_path.with_suffix(".bin").unlink()
+    largest = max(int(np.prod(t.dims)) * np.dtype(ELEMENT_TYPES[t.data_type][1]).itemsize for t in external.values())
+    zeros = np.zeros(largest, dtype=np.uint8)  # calloc'd: reading it maps the shared zero page, costing nothing
+    for parameter in list(ov_model.get_parameters()):
+        tensor = external.get(parameter.get_friendly_name())
+        if tensor is None:
+            continue
+        element_type, dtype = ELEMENT_TYPES[tensor.data_type]
+        count = int(np.prod(tensor.dims))
+        view = zeros[: count * np.dtype(dtype).itemsize].view(dtype).reshape(tensor.dims)
+        constant = ov.op.Constant(ov.Tensor(view, shared_memory=True), shared_memory=True)
+        constant.set_friendly_name(tensor.name)
+        parameter.output(0).replace(constant.output(0))
+        ov_model.remove_parameter(parameter)
+    ov_model.validate_nodes_and_infer_types()
+    ov.save_model(ov_model, str(xml_path), compress_to_fp16=False)
+    point_at_weights(xml_path, external, weights_path)
+
+
+def point_at_weights(xml_path: Path, external: dict, weights_path: Path) -> None:
+    """Rewrite the IR's Const offsets: checkpoint tensors to their place in the weights file, the graph's own
+    constants to copies appended there; the IR's own .bin is then deleted."""
+    own_bin = xml_path.with_suffix(".bin")
+    tree = ET.parse(xml_path)
+    appended: dict[tuple[int, int], int] = {}
+    with open(own_bin, "rb") as source, open(weights_path, "ab") as weights:
+        for layer in tree.getroot().iter("layer"):
+            data = layer.find("data")
+            if layer.get("type") != "Const" or data is None or "offset" not in data.attrib:
+                continue
+            tensor = external.get(layer.get("name"))
+            if tensor is not None:
+                location = {e.key: e.value for e in tensor.external_data}
+                assert int(location["length"]) == int(data.get("size")), layer.get("name")
+                data.set("offset", location["offset"])
+                continue
+            span = (int(data.get("offset")), int(data.get("size")))
+            if span not in appended:
+                source.seek(span[0])
+                weights.write(b"\0" * (-weights.tell() % ALIGNMENT))
+                appended[span] = weights.tell()
+                weights.write(source.read(span[1]))
+            data.set("offset", str(appended[span]))
+    tree.write(xml_path, encoding="utf-8", xml_declaration=True)
+    own_bin.unlink()

@@ -29,7 +29,7 @@ def soft_embedding(model, logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode(model, cache: DynamicCache, input_ids: np.ndarray, start: int) -> None:
     positions = torch.arange(start, start + input_ids.shape[1])[None]
-    model.model.encoder(input_ids=torch.from_numpy(input_ids), past_key_values=cache, position_ids=positions)
+    model.model.encoder(input_ids=torch.from_numpy(input_ids), cache=cache, position_ids=positions)
 
 
 def cache_arrays(cache: DynamicCache) -> list[np.ndarray]:
@@ -40,7 +40,7 @@ def cache_arrays(cache: DynamicCache) -> list[np.ndarray]:
 def denoise(model, cache, canvas_ids, self_conditioning_logits, position_ids, temperature, uniform) -> dict:
     logits = model(
         decoder_input_ids=torch.from_numpy(canvas_ids),
-        past_key_values=cache,
+        cache=cache,
         self_conditioning_logits=torch.from_numpy(self_conditioning_logits),
         decoder_position_ids=torch.from_numpy(position_ids),
     ).logits

@@ -78,10 +78,18 @@ def test_existing_output_needs_overwrite(tmp_path, capsys, checkpoint):
     (OSError(errno.ENOSPC, "No space left on device"), 1, "disk is full"),
 ])
 def test_interrupted_or_full_disk_leaves_nothing(tmp_path, capsys, checkpoint, monkeypatch, failure, code, message):
-    def fail(*args, **kwargs):
-        raise failure
+    """The failure strikes while weights stream (the tenth tensor)."""
+    from dg_export.checkpoint import Checkpoint
 
-    monkeypatch.setattr("dg_export.onnx_graphs.share_weights", fail)
+    read, calls = Checkpoint.read, []
+
+    def fail_midway(self, name):
+        calls.append(name)
+        if len(calls) == 10:
+            raise failure
+        return read(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", fail_midway)
     assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out")]) == code
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -104,7 +112,7 @@ def edit_manifest(artifact, change):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    (lambda a: (a / "onnx" / "denoiser.onnx").unlink(), "missing"),
+    (lambda a: (a / "denoiser.onnx").unlink(), "missing"),
     (lambda a: (a / "manifest.json").unlink(), "no manifest.json"),
     (lambda a: edit_manifest(a, lambda m: m.update(format_version=99)), "format version 99"),
     (lambda a: edit_manifest(a, lambda m: m["graphs"]["encoder"]["inputs"].pop()), "inputs"),
@@ -116,7 +124,7 @@ def test_broken_artifact(artifact_copy, capsys, damage, expected):
 
 
 def test_corrupted_weights(artifact_copy, capsys):
-    weights = artifact_copy / "onnx" / "weights.bin"
+    weights = artifact_copy / "weights.bin"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))

@@ -1,0 +1,355 @@
+"""The encoder and denoiser graphs, built from the config with one function per transformers module.
+
+Nothing is traced: each function below writes the ONNX nodes of the module it is named after
+(`DiffusionGemmaTextRouter` -> `router`, ...), and asks `Weights` for the checkpoint tensors it needs, which are
+streamed into the shared weights file as the graph is built. The graph protos hold only tensor locations, so
+building the 26B shape takes seconds and little memory; graph size grows with layers, not with experts.
+
+The routed experts run as a capacity dispatch: every (token, expert) pair gets a slot in an
+[experts, capacity, hidden] buffer (capacity = the largest number of tokens any expert received, computed in the
+graph), both projections are one batched MatMul over all experts, and each pair's result is gathered back and
+weighted. It computes exactly transformers' experts; its cost is capacity/mean-load times the sparse cost.
+"""
+
+from contextlib import contextmanager
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .graphs import graph_specs
+
+OPSET = 21
+FLOAT_MIN = float(np.finfo(np.float32).min)
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+
+
+class Graph:
+    """Nodes, named after the module that owns them, and constants; checkpoint tensors come from `weights`."""
+
+    def __init__(self, name: str, weights):
+        self.name, self.weights = name, weights
+        self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self._scope, self._count, self._constants, self._weights = [], {}, {}, {}
+
+    @contextmanager
+    def scope(self, name: str):
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def _name(self, op_type: str) -> str:
+        base = "/".join(self._scope + [op_type])
+        self._count[base] = self._count.get(base, -1) + 1
+        return base if self._count[base] == 0 else f"{base}_{self._count[base]}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
+        name = self._name(op_type)
+        names = [f"{name}:{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name, domain=domain, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant, stored once per graph."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = f"const_{len(self._constants)}"
+            self.initializers.append(onnx.numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def weight(self, source: str, layout: str = "as_is") -> str:
+        """A checkpoint tensor; layout 'linear' stores an [out, in] matrix as [in, out] (last two axes)."""
+        key = (source, layout)
+        if key not in self._weights:
+            tensor = self.weights.tensor(source, layout)
+            self.initializers.append(tensor)
+            name = tensor.name
+            if tensor.data_type != TensorProto.FLOAT:  # stored narrower than it is computed
+                name = self.op("Cast", name, to=TensorProto.FLOAT)
+            self._weights[key] = name
+        return self._weights[key]
+
+    def linear(self, x: str, source: str) -> str:
+        return self.op("MatMul", x, self.weight(source, "linear"))
+
+    def add_input(self, entry: dict):
+        self.inputs.append(helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], entry["shape"]))
+        return entry["name"]
+
+    def add_output(self, value: str, entry: dict):
+        self.nodes.append(helper.make_node("Identity", [value], [entry["name"]], name=f"output/{entry['name']}"))
+        self.outputs.append(helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], entry["shape"]))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dg-export")
+        model.ir_version = 10
+        return model
+
+
+# --- modules, in transformers' names -----------------------------------------------------------------------------
+
+def rms_norm(g: Graph, x: str, source: str | None, eps: float) -> str:
+    """DiffusionGemmaRMSNorm: x * (mean(x^2) + eps)^-0.5 [* weight]; `source` None is the scale-free variant."""
+    mean_square = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+    normed = g.op("Mul", x, g.op("Pow", g.op("Add", mean_square, g.const(eps, np.float32)), g.const(-0.5, np.float32)))
+    return g.op("Mul", normed, g.weight(source)) if source else normed
+
+
+def gelu_tanh(g: Graph, x: str) -> str:
+    return g.op("Gelu", x, approximate="tanh")
+
+
+def embed_tokens(g: Graph, ids: str, prefix: str, hidden: int) -> str:
+    """DiffusionGemmaTextScaledWordEmbedding: rows of the (tied) embedding times sqrt(hidden)."""
+    with g.scope("embed_tokens"):
+        rows = g.op("Gather", g.weight(f"{prefix}.embed_tokens.weight"), ids, axis=0)
+        return g.op("Mul", rows, g.const(hidden**0.5, np.float32))
+
+
+def rotary_emb(g: Graph, position_ids: str, inv_freq: np.ndarray, layer_type: str) -> tuple[str, str]:
+    """DiffusionGemmaTextRotaryEmbedding for one layer type: cos and sin [B, T, 1, head_dim]."""
+    with g.scope(f"rotary_emb.{layer_type}"):
+        positions = g.op("Unsqueeze", g.op("Cast", position_ids, to=TensorProto.FLOAT), g.const([-1]))
+        freqs = g.op("Mul", positions, g.const(inv_freq, np.float32))
+        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))
+        return g.op("Cos", emb), g.op("Sin", emb)
+
+
+def apply_rotary(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
+    first, second = g.op("Split", x, g.const([head_dim // 2, head_dim // 2]), axis=-1, outputs=2)
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def causal_mask(g: Graph, position_ids: str, past_key: str, window: int | None) -> str:
+    """[B, 1, 1, T, past + T] booleans: keys at or before the query, and within the window for sliding layers.
+
+    Past keys are the tokens just before the new ones, so their positions follow from the first new position.
+    """
+    with g.scope("causal_mask" if window is None else "sliding_window_mask"):
+        past = g.op("Gather", g.op("Shape", past_key), g.const(2), axis=0)
+        first = g.op("Slice", position_ids, g.const([0]), g.const([1]), g.const([1]))
+        offsets = g.op("Range", g.const(0), past, g.const(1))
+        past_positions = g.op("Add", g.op("Sub", first, past), offsets)
+        keys = g.op("Unsqueeze", g.op("Concat", past_positions, position_ids, axis=1), g.const([1, 2, 3]))
+        queries = g.op("Unsqueeze", position_ids, g.const([1, 2, 4]))
+        mask = g.op("LessOrEqual", keys, queries)
+        if window is not None:
+            mask = g.op("And", mask, g.op("Greater", keys, g.op("Sub", queries, g.const(window))))
+        return mask
+
+
+def self_attn(g: Graph, x: str, prefix: str, layer: dict, heads: int, eps: float, rope, past_key: str,
+              past_value: str, mask: str | None) -> tuple[str, str, str]:
+    """DiffusionGemma{Encoder,Decoder}TextAttention with explicit past KV. Returns (output, new keys, new values).
+
+    Grouped KV heads are handled by broadcasting a [B, kv_heads, groups, T, D] query against [B, kv_heads, 1, S, D]
+    keys (head h reads KV head h // groups, as repeat_kv does); scaling is 1.0 (the q/k norms scale).
+    """
+    kv_heads, head_dim = layer["kv_heads"], layer["head_dim"]
+    groups = heads // kv_heads
+    with g.scope("self_attn"):
+        query = g.op("Reshape", g.linear(x, f"{prefix}.q_proj.weight"), g.const([0, 0, heads, head_dim]))
+        query = apply_rotary(g, rms_norm(g, query, f"{prefix}.q_norm.weight", eps), *rope, head_dim)
+        raw_key = g.op("Reshape", g.linear(x, f"{prefix}.k_proj.weight"), g.const([0, 0, kv_heads, head_dim]))
+        # Full-attention layers have no v_proj: their values are the keys before k_norm and rotary.
+        raw_value = raw_key
+        if layer["type"] == "sliding_attention":
+            raw_value = g.op("Reshape", g.linear(x, f"{prefix}.v_proj.weight"), g.const([0, 0, kv_heads, head_dim]))
+        key = g.op("Transpose", apply_rotary(g, rms_norm(g, raw_key, f"{prefix}.k_norm.weight", eps), *rope, head_dim),
+                   perm=[0, 2, 1, 3])
+        value = g.op("Transpose", rms_norm(g, raw_value, None, eps), perm=[0, 2, 1, 3])
+
+        keys = g.op("Unsqueeze", g.op("Concat", past_key, key, axis=2), g.const([2]))
+        values = g.op("Unsqueeze", g.op("Concat", past_value, value, axis=2), g.const([2]))
+        query = g.op("Reshape", g.op("Transpose", query, perm=[0, 2, 1, 3]), g.const([0, kv_heads, groups, -1, head_dim]))
+        scores = g.op("MatMul", query, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))
+        if mask is not None:
+            scores = g.op("Where", mask, scores, g.const(FLOAT_MIN, np.float32))
+        attended = g.op("MatMul", g.op("Softmax", scores, axis=-1), values)  # [B, kv_heads, groups, T, D]
+        attended = g.op("Reshape", attended, g.const([0, heads, -1, head_dim]))
+        attended = g.op("Reshape", g.op("Transpose", attended, perm=[0, 2, 1, 3]), g.const([0, 0, heads * head_dim]))
+        return g.linear(attended, f"{prefix}.o_proj.weight"), key, value
+
+
+def mlp(g: Graph, x: str, prefix: str) -> str:
+    """DiffusionGemmaText4MLP (and the self-conditioning block's MLP): down(gelu_tanh(gate(x)) * up(x))."""
+    gate = gelu_tanh(g, g.linear(x, f"{prefix}.gate_proj.weight"))
+    return g.linear(g.op("Mul", gate, g.linear(x, f"{prefix}.up_proj.weight")), f"{prefix}.down_proj.weight")
+
+
+def router(g: Graph, flat: str, prefix: str, hidden: int, top_k: int, eps: float) -> tuple[str, str]:
+    """DiffusionGemmaTextRouter: top-k experts per token and their renormalised, per-expert-scaled weights."""
+    with g.scope("router"):
+        x = g.op("Mul", g.op("Mul", rms_norm(g, flat, None, eps), g.weight(f"{prefix}.scale")),
+                 g.const(hidden**-0.5, np.float32))
+        probs = g.op("Softmax", g.linear(x, f"{prefix}.proj.weight"), axis=-1)
+        top_weights, top_index = g.op("TopK", probs, g.const([top_k]), axis=-1, largest=1, sorted=1, outputs=2)
+        top_weights = g.op("Div", top_weights, g.op("ReduceSum", top_weights, g.const([-1]), keepdims=1))
+        scale = g.op("Gather", g.weight(f"{prefix}.per_expert_scale"), top_index, axis=0)
+        return g.op("Mul", top_weights, scale), top_index
+
+
+def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, num_experts: int, top_k: int,
+            width: int) -> str:
+    """DiffusionGemmaTextExperts as a capacity dispatch (see the module docstring). flat [N, H] -> [N, H]."""
+    with g.scope("experts"):
+        pair_expert = g.op("Reshape", top_index, g.const([-1]))  # [N*K], token-major
+        one_hot = g.op("Cast", g.op("Equal", g.op("Unsqueeze", pair_expert, g.const([1])),
+                                    g.const(np.arange(num_experts)[None])), to=TensorProto.INT64)  # [N*K, E]
+        # A pair's slot is the number of earlier pairs routed to the same expert.
+        slot = g.op("Sub", g.op("ReduceSum", g.op("Mul", g.op("CumSum", one_hot, g.const(0)), one_hot), g.const([1]),
+                                keepdims=0), g.const(1))
+        capacity = g.op("ReduceMax", g.op("ReduceSum", one_hot, g.const([0]), keepdims=0), g.const([0]), keepdims=1)
+        where = g.op("Concat", g.op("Unsqueeze", pair_expert, g.const([1])), g.op("Unsqueeze", slot, g.const([1])), axis=1)
+        pairs = g.op("Squeeze", g.op("Shape", pair_expert), g.const([0]))
+        pair_token = g.op("Div", g.op("Range", g.const(0), pairs, g.const(1)), g.const(top_k))
+        hidden = g.op("Slice", g.op("Shape", flat), g.const([1]), g.const([2]))
+        empty = g.op("ConstantOfShape", g.op("Concat", g.const([num_experts]), capacity, hidden, axis=0),
+                     value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+        dispatched = g.op("ScatterND", empty, where, g.op("Gather", flat, pair_token, axis=0))  # [E, C, H]
+
+        gate_up = g.op("MatMul", dispatched, g.weight(f"{prefix}.gate_up_proj", "linear"))  # [E, C, 2 * width]
+        gate, up = g.op("Split", gate_up, g.const([width, width]), axis=-1, outputs=2)
+        out = g.op("MatMul", g.op("Mul", gelu_tanh(g, gate), up), g.weight(f"{prefix}.down_proj", "linear"))
+
+        per_pair = g.op("Mul", g.op("GatherND", out, where), g.op("Reshape", top_weights, g.const([-1, 1])))
+        return g.op("ReduceSum", g.op("Reshape", per_pair, g.op("Concat", g.const([-1, top_k]), hidden, axis=0)),
+                    g.const([1]), keepdims=0)
+
+
+def text_layer(g: Graph, x: str, i: int, c: "ModelShape", rope, past_key: str, past_value: str,
+               mask: str | None, layer_scalar_prefix: str) -> tuple[str, str, str]:
+    """DiffusionGemma{Encoder,Decoder}TextLayer: attention, then the dense MLP and the routed experts side by side."""
+    prefix, eps = f"{c.layers_prefix}.{i}", c.eps
+    with g.scope(f"layers.{i}"):
+        normed = rms_norm(g, x, f"{prefix}.input_layernorm.weight", eps)
+        attended, key, value = self_attn(g, normed, f"{prefix}.self_attn", c.layout[i], c.heads, eps, rope,
+                                         past_key, past_value, mask)
+        x = g.op("Add", x, rms_norm(g, attended, f"{prefix}.post_attention_layernorm.weight", eps))
+
+        with g.scope("mlp"):
+            dense = mlp(g, rms_norm(g, x, f"{prefix}.pre_feedforward_layernorm.weight", eps), f"{prefix}.mlp")
+        dense = rms_norm(g, dense, f"{prefix}.post_feedforward_layernorm_1.weight", eps)
+        flat = g.op("Reshape", x, g.const([-1, c.hidden]))
+        top_weights, top_index = router(g, flat, f"{prefix}.router", c.hidden, c.top_k, eps)
+        routed = experts(g, rms_norm(g, flat, f"{prefix}.pre_feedforward_layernorm_2.weight", eps), top_index,
+                         top_weights, f"{prefix}.experts", c.num_experts, c.top_k, c.expert_width)
+        routed = rms_norm(g, g.op("Reshape", routed, g.op("Shape", x)), f"{prefix}.post_feedforward_layernorm_2.weight", eps)
+        x = g.op("Add", x, rms_norm(g, g.op("Add", dense, routed), f"{prefix}.post_feedforward_layernorm.weight", eps))
+        return g.op("Mul", x, g.weight(f"{layer_scalar_prefix}.{i}.layer_scalar")), key, value
+
+
+class ModelShape:
+    """What the graph functions need from DiffusionGemmaConfig, and the checkpoint's naming."""
+
+    layers_prefix = "model.decoder.layers"  # the encoder's layers are tied to these
+    embed_prefix = "model.decoder"
+
+    def __init__(self, config):
+        from .graphs import kv_layout
+
+        text = config.text_config
+        if getattr(text, "attention_bias", False) or getattr(text, "use_bidirectional_attention", None) == "all":
+            from dg_runtime.errors import UserError
+
+            raise UserError("this config uses attention biases or a bidirectional encoder, which dg-export does not "
+                            "support yet")
+        self.config, self.text = config, text
+        self.layout, self.layer_types = kv_layout(text), list(text.layer_types)
+        self.hidden, self.heads, self.eps = text.hidden_size, text.num_attention_heads, text.rms_norm_eps
+        self.num_experts, self.top_k, self.expert_width = text.num_experts, text.top_k_experts, text.moe_intermediate_size
+        self.sliding_window, self.vocab = text.sliding_window, text.vocab_size
+        self.softcap = text.final_logit_softcapping
+        self.inv_freq = rotary_frequencies(text)
+
+
+def rotary_frequencies(text_config) -> dict[str, np.ndarray]:
+    """inv_freq per layer type, from transformers' own rotary module (default and proportional RoPE alike)."""
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextRotaryEmbedding
+
+    rotary = DiffusionGemmaTextRotaryEmbedding(text_config)
+    frequencies = {}
+    for layer_type in set(text_config.layer_types):
+        if getattr(rotary, f"{layer_type}_attention_scaling") != 1.0:
+            from dg_runtime.errors import UserError
+
+            raise UserError(f"RoPE type {rotary.rope_type[layer_type]} scales attention; dg-export does not support it")
+        frequencies[layer_type] = getattr(rotary, f"{layer_type}_inv_freq").numpy()
+    return frequencies
+
+
+def build_encoder(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
+    g = Graph("encoder", weights)
+    input_ids, position_ids = g.add_input(spec["inputs"][0]), g.add_input(spec["inputs"][1])
+    past = [g.add_input(e) for e in spec["inputs"][2:]]
+    x = embed_tokens(g, input_ids, c.embed_prefix, c.hidden)
+    rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
+    masks = {}
+    for i, layer_type in enumerate(c.layer_types):
+        if layer_type not in masks:  # every layer of a type has the same past length
+            window = c.sliding_window if layer_type == "sliding_attention" else None
+            masks[layer_type] = causal_mask(g, position_ids, past[2 * i], window)
+    for i, layer_type in enumerate(c.layer_types):
+        x, key, value = text_layer(g, x, i, c, rope[layer_type], past[2 * i], past[2 * i + 1], masks[layer_type],
+                                   "model.encoder.language_model.layers")
+        g.add_output(key, spec["outputs"][2 * i])
+        g.add_output(value, spec["outputs"][2 * i + 1])
+    return g.model()
+
+
+def build_denoiser(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
+    g = Graph("denoiser", weights)
+    canvas_ids, soft_embedding, position_ids, temperature, uniform = (g.add_input(e) for e in spec["inputs"][:5])
+    past = [g.add_input(e) for e in spec["inputs"][5:]]
+    embedding = g.weight(f"{c.embed_prefix}.embed_tokens.weight")
+
+    x = embed_tokens(g, canvas_ids, c.embed_prefix, c.hidden)
+    with g.scope("self_conditioning"):  # DiffusionGemmaSelfConditioning
+        signal = mlp(g, rms_norm(g, soft_embedding, "model.decoder.self_conditioning.pre_norm.weight", c.eps),
+                     "model.decoder.self_conditioning")
+        x = rms_norm(g, g.op("Add", x, signal), None, c.eps)
+    rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
+    for i, layer_type in enumerate(c.layer_types):
+        # The canvas sees every cached key and itself, bidirectionally: no mask.
+        x, _, _ = text_layer(g, x, i, c, rope[layer_type], past[2 * i], past[2 * i + 1], None, c.layers_prefix)
+    x = rms_norm(g, x, "model.decoder.norm.weight", c.eps)
+
+    with g.scope("lm_head"):  # tied to the embedding: Gemm reads it transposed, so it is stored once
+        flat = g.op("Reshape", x, g.const([-1, c.hidden]))
+        logits = g.op("Reshape", g.op("Gemm", flat, embedding, transB=1),
+                      g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([c.vocab]), axis=0))
+        softcap = g.const(c.softcap, np.float32)
+        logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, softcap)), softcap)
+    sampled, argmax, entropy, soft = sampling_head(g, logits, temperature, uniform, embedding, c)
+    for value, entry in zip((argmax, sampled, entropy, soft, logits), spec["outputs"]):
+        g.add_output(value, entry)
+    return g.model()
+
+
+def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, embedding: str, c: ModelShape):
+    """The vocabulary-sized work of a step, kept in the graph: tempering, softmax, entropy, argmax, an
+    inverse-CDF sample with the supplied uniform, and the next step's soft embedding (probs @ embedding * sqrt(H))."""
+    with g.scope("sampling_head"):
+        tempered = g.op("Div", logits, temperature)
+        log_probs = g.op("LogSoftmax", tempered, axis=-1)
+        probs = g.op("Exp", log_probs)
+        plogp = g.op("Mul", probs, g.op("Max", log_probs, g.const(FLOAT_MIN, np.float32)))
+        entropy = g.op("Neg", g.op("ReduceSum", plogp, g.const([-1]), keepdims=0))
+        argmax = g.op("ArgMax", tempered, axis=-1, keepdims=0)
+        below = g.op("LessOrEqual", g.op("CumSum", probs, g.const(-1)), g.op("Unsqueeze", uniform, g.const([-1])))
+        sampled = g.op("Min", g.op("ReduceSum", g.op("Cast", below, to=TensorProto.INT64), g.const([-1]), keepdims=0),
+                       g.const(c.vocab - 1))
+        soft = g.op("Mul", g.op("MatMul", probs, embedding), g.const(c.hidden**0.5, np.float32))
+        return sampled, argmax, entropy, soft
+
+
+def build_graphs(config, weights) -> dict[str, onnx.ModelProto]:
+    shape, specs = ModelShape(config), graph_specs(config)
+    return {"encoder": build_encoder(shape, specs["encoder"], weights),
+            "denoiser": build_denoiser(shape, specs["denoiser"], weights)}

@@ -1,0 +1,126 @@
+"""A checkpoint's tensors, read one at a time from its safetensors shards.
+
+The exporter never holds the model: it asks for one tensor, converts it, writes it and lets it go. The shards
+are read with plain positioned reads (the safetensors format is an 8-byte header length, a JSON header and raw
+little-endian data), not mapped, so the process holds one tensor at a time whatever the checkpoint's size.
+Nothing here unpickles anything.
+"""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from dg_runtime.errors import UserError
+
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
+          "I32": np.int32}
+MAX_HEADER_BYTES = 100 << 20
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def bf16_to_fp32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class Checkpoint:
+    """The tensors of a local checkpoint folder: a single `model.safetensors`, or shards and their index."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.entries: dict[str, tuple[Path, dict]] = {}  # name -> (shard, header entry with absolute offsets)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            shards = self._shards_from_index(index)
+        else:
+            shards = sorted(self.folder.glob("*.safetensors"))
+        for shard in shards:
+            for name, entry in read_header(shard).items():
+                self.entries[name] = (shard, entry)
+        if index.is_file():
+            named = json.loads(index.read_text())["weight_map"]
+            missing = sorted(set(named) - set(self.entries))
+            if missing:
+                raise UserError(f"{index.name} names {len(missing)} tensor(s) that no shard holds, first "
+                                f"{missing[0]!r}: the checkpoint is incomplete; download it again")
+
+    def _shards_from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{index} is not a safetensors index ({type(exc).__name__}); download it again") from None
+        shards = sorted({self.folder / shard for shard in weight_map.values()})
+        for shard in shards:
+            if not shard.is_file():
+                raise UserError(f"shard {shard.name} named by {index.name} is missing from {self.folder}; "
+                                "download the checkpoint again")
+        return shards
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][1]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        start, end = self.entries[name][1]["data_offsets"]
+        return end - start
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as float32 (bf16 and fp16 are widened exactly)."""
+        if name not in self.entries:
+            raise UserError(f"the checkpoint has no tensor {name!r}: it does not match its config.json")
+        shard, entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        raw = np.empty(end - start, dtype=np.uint8)
+        with open(shard, "rb") as handle:
+            handle.seek(start)
+            if handle.readinto(memoryview(raw)) != raw.size:
+                raise UserError(f"{shard.name} is truncated (tensor {name}); download the checkpoint again")
+        array = raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if entry["dtype"] == "BF16":
+            return bf16_to_fp32(array)
+        return array.astype(np.float32, copy=False)
+
+
+def read_header(shard: Path) -> dict:
+    """The shard's tensor table, with data offsets made absolute; a corrupt header is the user's to fix."""
+    problem = f"{shard.name} is not a valid safetensors file"
+    size = shard.stat().st_size
+    with open(shard, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise UserError(f"{problem} (it is {size} bytes); download it again")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise UserError(f"{problem} (header length {length} does not fit the file); download it again")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{problem} (its JSON header is corrupt); download it again") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{problem} (its header is not a table of tensors); download it again")
+    header.pop("__metadata__", None)
+    base = 8 + length
+    for name, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            dtype, shape = entry["dtype"], entry["shape"]
+            itemsize = np.dtype(DTYPES[dtype]).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{problem} (tensor {name!r} has a malformed or unsupported entry); "
+                            "dg-export reads F32, F16 and BF16 weights") from None
+        if end - start != itemsize * int(np.prod(shape)) or base + end > size:
+            raise UserError(f"{problem} (tensor {name!r} lies outside the file or has the wrong size); "
+                            "download it again")
+        entry["data_offsets"] = (base + start, base + end)
+    return header
+
+
+def file_bytes(folder: Path) -> int:
+    return sum(os.path.getsize(p) for p in Path(folder).glob("*.safetensors"))
