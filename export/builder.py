@@ -307,32 +307,40 @@ def build_denoiser(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
     g = Graph("denoiser", weights)
     canvas_ids, soft_embedding, position_ids, temperature, uniform = (g.add_input(e) for e in spec["inputs"][:5])
     past = [g.add_input(e) for e in spec["inputs"][5:]]
-    embedding = g.weight(f"{c.embed_prefix}.embed_tokens.weight")
-
-    x = embed_tokens(g, canvas_ids, c.embed_prefix, c.hidden)
-    with g.scope("self_conditioning"):  # DiffusionGemmaSelfConditioning
-        signal = mlp(g, rms_norm(g, soft_embedding, "model.decoder.self_conditioning.pre_norm.weight", c.eps),
-                     "model.decoder.self_conditioning")
-        x = rms_norm(g, g.op("Add", x, signal), None, c.eps)
+    x = canvas_embedding(g, canvas_ids, soft_embedding, c)
     rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
     for i, layer_type in enumerate(c.layer_types):
         # The canvas sees every cached key and itself, bidirectionally: no mask.
         x, _, _ = text_layer(g, x, i, c, rope[layer_type], past[2 * i], past[2 * i + 1], None, c.layers_prefix)
-    x = rms_norm(g, x, "model.decoder.norm.weight", c.eps)
+    outputs = denoiser_head(g, x, temperature, uniform, c)
+    for entry in spec["outputs"]:
+        g.add_output(outputs[entry["name"]], entry)
+    return g.model()
 
+
+def canvas_embedding(g: Graph, canvas_ids: str, soft_embedding: str, c: ModelShape) -> str:
+    """The decoder's input: token embeddings plus DiffusionGemmaSelfConditioning of the previous step's signal."""
+    x = embed_tokens(g, canvas_ids, c.embed_prefix, c.hidden)
+    with g.scope("self_conditioning"):
+        signal = mlp(g, rms_norm(g, soft_embedding, "model.decoder.self_conditioning.pre_norm.weight", c.eps),
+                     "model.decoder.self_conditioning")
+        return rms_norm(g, g.op("Add", x, signal), None, c.eps)
+
+
+def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShape) -> dict[str, str]:
+    """Final norm, the tied lm_head with its softcap, and the sampling head: the denoiser's outputs by name."""
+    x = rms_norm(g, x, "model.decoder.norm.weight", c.eps)
+    embedding = g.weight(f"{c.embed_prefix}.embed_tokens.weight")
     with g.scope("lm_head"):  # tied to the embedding: Gemm reads it transposed, so it is stored once
         flat = g.op("Reshape", x, g.const([-1, c.hidden]))
         logits = g.op("Reshape", g.op("Gemm", flat, embedding, transB=1),
                       g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([c.vocab]), axis=0))
         softcap = g.const(c.softcap, np.float32)
         logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, softcap)), softcap)
-    sampled, argmax, entropy, soft = sampling_head(g, logits, temperature, uniform, embedding, c)
-    for value, entry in zip((argmax, sampled, entropy, soft, logits), spec["outputs"]):
-        g.add_output(value, entry)
-    return g.model()
+    return {**sampling_head(g, logits, temperature, uniform, embedding, c), "logits": logits}
 
 
-def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, embedding: str, c: ModelShape):
+def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, embedding: str, c: ModelShape) -> dict:
     """The vocabulary-sized work of a step, kept in the graph: tempering, softmax, entropy, argmax, an
     inverse-CDF sample with the supplied uniform, and the next step's soft embedding (probs @ embedding * sqrt(H))."""
     with g.scope("sampling_head"):
@@ -342,11 +350,13 @@ def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, embeddi
         plogp = g.op("Mul", probs, g.op("Max", log_probs, g.const(FLOAT_MIN, np.float32)))
         entropy = g.op("Neg", g.op("ReduceSum", plogp, g.const([-1]), keepdims=0))
         argmax = g.op("ArgMax", tempered, axis=-1, keepdims=0)
+        # The sample is the number of tokens whose CDF is at or below the uniform, counted in float32 (exact up to
+        # 2^24) so that the vocabulary-sized temporary is 4 bytes an entry, not 8.
         below = g.op("LessOrEqual", g.op("CumSum", probs, g.const(-1)), g.op("Unsqueeze", uniform, g.const([-1])))
-        sampled = g.op("Min", g.op("ReduceSum", g.op("Cast", below, to=TensorProto.INT64), g.const([-1]), keepdims=0),
-                       g.const(c.vocab - 1))
+        count = g.op("ReduceSum", g.op("Cast", below, to=TensorProto.FLOAT), g.const([-1]), keepdims=0)
+        sampled = g.op("Min", g.op("Cast", count, to=TensorProto.INT64), g.const(c.vocab - 1))
         soft = g.op("Mul", g.op("MatMul", probs, embedding), g.const(c.hidden**0.5, np.float32))
-        return sampled, argmax, entropy, soft
+        return {"argmax": argmax, "sampled": sampled, "entropy": entropy, "next_soft_embedding": soft}
 
 
 def build_graphs(config, weights) -> dict[str, onnx.ModelProto]:

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,8 @@ from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
 
 FORMATS = {"onnx": ["onnx"], "openvino": ["openvino"], "both": ["onnx", "openvino"]}
+# Full validation holds transformers' fp32 model and both backends' sessions: about 3x this.
+FULL_VALIDATION_BYTES = 2e9
 
 
 def parse_args(argv):
@@ -34,6 +37,9 @@ def parse_args(argv):
     parser.add_argument("--format", choices=sorted(FORMATS), help="graph formats (default: the recipe's)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan from config.json alone and exit")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    parser.add_argument("--validation", choices=["auto", "full", "by-layer"], default="auto",
+                        help="compare with transformers as a whole model, or one layer at a time (bounded memory); "
+                             f"auto: full up to {FULL_VALIDATION_BYTES / 1e9:.0f} GB of fp32 weights")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with transformers")
     parser.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed in validation (fp32)")
     return parser.parse_args(argv)
@@ -169,14 +175,23 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
         manifest["formats"]["openvino"] = {"graphs": {g: f"{g}.xml" for g in GRAPH_NAMES}, "weights": WEIGHTS_FILE}
 
     if not args.no_validate:
-        from .validate import validate
+        from . import validate
 
-        with progress.stage("validating against transformers"):
-            from .source import load_model
+        backends = ["onnxruntime" if f == "onnx" else f for f in formats]
+        mode = args.validation
+        if mode == "auto":
+            mode = "full" if 4 * params <= FULL_VALIDATION_BYTES else "by-layer"
+        with progress.stage(f"validating against transformers ({mode})"):
+            if mode == "full":
+                from .source import load_model
 
-            model = load_model(folder)
-            rows = validate(model, staging, manifest, ["onnxruntime" if f == "onnx" else f for f in formats], args.atol)
-        manifest["validation"] = {"atol": args.atol, "results": rows}
+                rows = validate.validate(load_model(folder), staging, manifest, backends, args.atol)
+            else:
+                bar = progress_bar(validate.component_count(config), "components", unit="it")
+                rows = validate.validate_by_layer(config, checkpoint, staging, weights, backends, args.atol,
+                                                  progress=bar)
+                bar.close()
+        manifest["validation"] = {"mode": mode, "atol": args.atol, "results": rows}
         print_validation(rows)
         failed = [r for r in rows if not r["ok"]]
         if failed:
@@ -197,10 +212,16 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
 
 
 def print_validation(rows: list[dict]) -> None:
+    """One line per backend, graph and output; by-layer rows are summarised over layers (the worst one shown)."""
     print("\nvalidation against transformers (max abs diff; token outputs: fraction differing):", file=sys.stderr)
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        print(f"  {r['backend']:11} {r['graph']:8} {r['output']:22} {r['diff']:.2e}  {'ok' if r['ok'] else 'FAIL'}",
-              file=sys.stderr)
+        groups.setdefault((r["backend"], re.sub(r"\.\d+$", "", r["graph"]), r["output"]), []).append(r)
+    for (backend, graph, output), members in groups.items():
+        worst = max(members, key=lambda r: r["diff"])
+        label = f"{graph} ({len(members)})" if len(members) > 1 else graph
+        print(f"  {backend:11} {label:20} {output:22} {worst['diff']:.2e}  "
+              f"{'ok' if all(r['ok'] for r in members) else 'FAIL'}", file=sys.stderr)
 
 
 def library_versions() -> dict:

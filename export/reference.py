@@ -44,13 +44,21 @@ def denoise(model, cache, canvas_ids, self_conditioning_logits, position_ids, te
         self_conditioning_logits=torch.from_numpy(self_conditioning_logits),
         decoder_position_ids=torch.from_numpy(position_ids),
     ).logits
+    embed = model.model.decoder.embed_tokens
+    return step_outputs(logits, embed.weight, embed.embed_scale, temperature, uniform)
+
+
+@torch.no_grad()
+def step_outputs(logits, embedding, embed_scale, temperature, uniform) -> dict:
+    """What the denoiser graph outputs for a step's softcapped logits: the sampler's view of them (as
+    transformers' generate computes it) and the next step's soft embedding (as its decoder computes it)."""
     processed = logits / torch.tensor(temperature, dtype=torch.float32)
     probs = processed.softmax(dim=-1, dtype=torch.float32)
     outputs = {
         "argmax": processed.argmax(-1),
         "sampled": inverse_cdf_sample(probs, torch.from_numpy(uniform)),
         "entropy": torch.distributions.Categorical(logits=processed).entropy(),
-        "next_soft_embedding": soft_embedding(model, processed),
+        "next_soft_embedding": torch.matmul(probs, embedding) * embed_scale,
         "logits": logits,
     }
     return {name: value.numpy() for name, value in outputs.items()}

@@ -4,7 +4,10 @@ The prompt is longer than the sliding window and is followed by a second chunk, 
 the causal window inside the encoder and the denoiser's view of a trimmed cache are all exercised.
 """
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import torch
 from transformers import DynamicCache
 
@@ -17,10 +20,34 @@ INTEGER_OUTPUTS = ("argmax", "sampled")
 
 
 def compare(expected: np.ndarray, actual: np.ndarray) -> float:
-    """Max abs difference for floats; the fraction of differing entries for token outputs."""
+    """For floats, the largest |actual - expected| / (1 + |expected|): an absolute difference for values up to
+    about 1 and a relative one beyond (logits reach 30, entropies sum 262,144 terms); for token outputs, the
+    fraction of differing entries."""
     if expected.dtype.kind in "iu":
         return float(np.mean(expected != actual))
-    return float(np.max(np.abs(expected.astype(np.float64) - actual)))
+    expected = expected.astype(np.float64)
+    return float(np.max(np.abs(expected - actual) / (1 + np.abs(expected))))
+
+
+def samples_outside_interval(logits: np.ndarray, temperature: np.ndarray, uniform: np.ndarray,
+                             sampled: np.ndarray) -> float:
+    """The fraction of sampled tokens whose interval of the reference CDF (float64) does not hold the uniform.
+
+    An inverse-CDF sample is only defined up to the rounding of the CDF: a float32 running sum over V terms is off by
+    about sqrt(V) float32 ulps, and a uniform that close to an interval's edge may fall either side (torch sums in
+    float64, ONNX Runtime and OpenVINO in float32). The edges are widened by 4 sqrt(V) ulps of 1.0 for that.
+    """
+    vocab = logits.shape[-1]
+    slack = 4 * np.sqrt(vocab) * 2.0**-24
+    flat_logits, flat_u, flat_s = logits.reshape(-1, vocab), uniform.reshape(-1), sampled.reshape(-1)
+    outside = 0
+    for row, u, s in zip(flat_logits, flat_u, flat_s):  # a row at a time: float64 over the vocabulary is large
+        z = row.astype(np.float64) / float(temperature)
+        p = np.exp(z - z.max())
+        cdf = np.cumsum(p / p.sum())
+        low, high = cdf[s] - p[s] / p.sum(), (cdf[s] if s < vocab - 1 else 1.0)
+        outside += not (low - slack <= u < high + slack)
+    return outside / flat_u.size
 
 
 def validate(model, folder, manifest: dict, backends: list[str], atol: float, batch: int = 2,
@@ -66,7 +93,190 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
         feeds = {"canvas_ids": canvas_ids, "soft_embedding": soft, "position_ids": positions,
                  "temperature": temperature, "sample_uniform": uniform, **kv.feeds()}
         for name, actual in zip(names, denoiser.run(names, feeds)):
-            rows.append({"backend": backend, "graph": "denoiser", "output": name, "diff": compare(expected[name], actual)})
+            diff = compare(expected[name], actual)
+            if name == "sampled":
+                diff = samples_outside_interval(expected["logits"], temperature, uniform, actual)
+            rows.append({"backend": backend, "graph": "denoiser", "output": name, "diff": diff})
     for row in rows:
         row["ok"] = row["diff"] == 0 if row["output"] in INTEGER_OUTPUTS else row["diff"] <= atol
     return rows
+
+
+# --- by layer: for checkpoints too large to hold, one layer's reference and graphs at a time ------------------
+
+def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], atol: float, batch: int = 2,
+                      new_tokens: int = 5, seed: int = 0, progress=None) -> list[dict]:
+    """Each component of the graphs, built by the same builder functions and reading the same weights file, against
+    transformers' own module loaded with only that component's tensors: every encoder and decoder layer (with a
+    past longer than the sliding window would keep), the canvas embedding with self-conditioning, and the head.
+
+    OpenVINO reads these component graphs through its ONNX frontend; the IR conversion itself is checked by the
+    full validation, which small checkpoints get.
+    """
+    from transformers.models.diffusion_gemma import modeling_diffusion_gemma as hf
+
+    from . import builder
+
+    text = config.text_config
+    text._attn_implementation = "eager"
+    shape = builder.ModelShape(config)
+    rng = np.random.default_rng(seed)
+    rotary = hf.DiffusionGemmaTextRotaryEmbedding(text)
+    rows = []
+
+    def check(name: str, graph: builder.Graph, feeds: dict, expected: dict):
+        path = Path(folder) / f".validate-{name}.onnx"
+        onnx.save(graph.model(), str(path))
+        try:
+            for backend in backends:
+                session = open_component(path, backend)
+                for output, actual in zip(expected, session.run(list(expected), feeds)):
+                    diff = compare(expected[output], actual)
+                    if output == "sampled":
+                        diff = samples_outside_interval(expected["logits"], feeds["temperature"],
+                                                        feeds["sample_uniform"], actual)
+                    rows.append({"backend": backend, "graph": name, "output": output, "diff": diff})
+        finally:
+            path.unlink()
+        if progress is not None:
+            progress.update(1)
+
+    past_lengths = {"sliding_attention": text.sliding_window - 1, "full_attention": text.sliding_window + 3}
+    for i, layer_type in enumerate(text.layer_types):
+        layout = shape.layout[i]
+        past = past_lengths[layer_type]
+        hidden = rng.standard_normal((batch, new_tokens, text.hidden_size)).astype(np.float32)
+        positions = np.broadcast_to(np.arange(past, past + new_tokens), (batch, new_tokens)).copy()
+        past_key, past_value = (rng.standard_normal((batch, layout["kv_heads"], past, layout["head_dim"]))
+                                .astype(np.float32) for _ in range(2))
+        for side in ("encoder", "decoder"):
+            expected = reference_layer(hf, text, checkpoint, weights, rotary, i, side, hidden, positions, past_key,
+                                       past_value)
+            g = builder.Graph(f"{side}.layers.{i}", weights)
+            x, pos, pk, pv = (g.add_input(e) for e in layer_io(text, layout))
+            rope = builder.rotary_emb(g, pos, shape.inv_freq[layer_type], layer_type)
+            mask = None
+            if side == "encoder":
+                mask = builder.causal_mask(g, pos, pk, text.sliding_window if layer_type == "sliding_attention" else None)
+            prefix = "model.encoder.language_model.layers" if side == "encoder" else shape.layers_prefix
+            out, key, value = builder.text_layer(g, x, i, shape, rope, pk, pv, mask, prefix)
+            for value_name, entry in zip((out, key, value), output_io(text, layout)):
+                if entry["name"] in expected:
+                    g.add_output(value_name, entry)
+            check(f"{side}.layers.{i}", g, {"hidden_states": hidden, "position_ids": positions,
+                                             "past_key": past_key, "past_value": past_value}, expected)
+
+    canvas = config.canvas_length
+    canvas_ids = rng.integers(0, text.vocab_size, (batch, canvas))
+    soft = rng.standard_normal((batch, canvas, text.hidden_size)).astype(np.float32)
+    g = builder.Graph("canvas_embedding", weights)
+    ids = g.add_input({"name": "canvas_ids", "dtype": "int64", "shape": ["batch", canvas]})
+    soft_in = g.add_input({"name": "soft_embedding", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
+    g.add_output(builder.canvas_embedding(g, ids, soft_in, shape),
+                 {"name": "hidden_states", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
+    check("canvas_embedding", g, {"canvas_ids": canvas_ids, "soft_embedding": soft},
+          {"hidden_states": reference_canvas_embedding(hf, text, checkpoint, weights, canvas_ids, soft)})
+
+    head_batch = 1 if canvas * text.vocab_size > 1 << 24 else batch  # vocabulary-sized temporaries add up
+    hidden = rng.standard_normal((head_batch, canvas, text.hidden_size)).astype(np.float32)
+    temperature, uniform = np.array(0.7, dtype=np.float32), rng.random((head_batch, canvas), dtype=np.float32)
+    g = builder.Graph("head", weights)
+    x = g.add_input({"name": "hidden_states", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
+    t = g.add_input({"name": "temperature", "dtype": "float32", "shape": []})
+    u = g.add_input({"name": "sample_uniform", "dtype": "float32", "shape": ["batch", canvas]})
+    spec = builder.graph_specs(config)["denoiser"]["outputs"]
+    outputs = builder.denoiser_head(g, x, t, u, shape)
+    for entry in spec:
+        g.add_output(outputs[entry["name"]], entry)
+    expected = reference_head(hf, config, checkpoint, weights, hidden, temperature, uniform)
+    check("head", g, {"hidden_states": hidden, "temperature": temperature, "sample_uniform": uniform},
+          {e["name"]: expected[e["name"]] for e in spec})
+    for row in rows:
+        row["ok"] = row["diff"] == 0 if row["output"] in INTEGER_OUTPUTS else row["diff"] <= atol
+    return rows
+
+
+def component_count(config) -> int:
+    return 2 * config.text_config.num_hidden_layers + 2
+
+
+def layer_io(text, layout) -> list[dict]:
+    kv = ["batch", layout["kv_heads"], "past", layout["head_dim"]]
+    return [{"name": "hidden_states", "dtype": "float32", "shape": ["batch", "new_tokens", text.hidden_size]},
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]},
+            {"name": "past_key", "dtype": "float32", "shape": kv}, {"name": "past_value", "dtype": "float32", "shape": kv}]
+
+
+def output_io(text, layout) -> list[dict]:
+    kv = ["batch", layout["kv_heads"], "new_tokens", layout["head_dim"]]
+    return [{"name": "layer_output", "dtype": "float32", "shape": ["batch", "new_tokens", text.hidden_size]},
+            {"name": "key", "dtype": "float32", "shape": kv}, {"name": "value", "dtype": "float32", "shape": kv}]
+
+
+def open_component(path: Path, backend: str):
+    from dg_runtime.backends import OnnxRuntimeGraph, OpenVinoGraph
+
+    if backend == "onnxruntime":
+        return OnnxRuntimeGraph(path, threads=None)
+    return OpenVinoGraph(path, None, "CPU", "f32", threads=None)
+
+
+def load_module(module, checkpoint, weights, prefix: str, overrides: dict | None = None):
+    """Fill a transformers module with the checkpoint's tensors under `prefix` (tied names resolved)."""
+    state = {}
+    for name, tensor in module.state_dict().items():
+        source = (overrides or {}).get(name, f"{prefix}.{name}")
+        state[name] = torch.from_numpy(checkpoint.read(weights.resolve(source)))
+    module.load_state_dict(state, strict=False)
+    return module.eval()
+
+
+@torch.no_grad()
+def reference_layer(hf, text, checkpoint, weights, rotary, i, side, hidden, positions, past_key, past_value) -> dict:
+    """transformers' encoder or decoder layer `i` on explicit inputs, the past given through a DynamicCache."""
+    layer_class = hf.DiffusionGemmaEncoderTextLayer if side == "encoder" else hf.DiffusionGemmaDecoderTextLayer
+    scalar = f"model.{'encoder.language_model' if side == 'encoder' else 'decoder'}.layers.{i}.layer_scalar"
+    layer = load_module(layer_class(text, i), checkpoint, weights, f"model.decoder.layers.{i}", {"layer_scalar": scalar})
+    cache = DynamicCache(config=text)
+    for j, layer_type in enumerate(text.layer_types):  # other layers only need the right lengths for the masks
+        shape = (*past_key.shape[:2], past_key.shape[2] if j == i else 0, past_key.shape[3])
+        if j == i:
+            cache.update(torch.from_numpy(past_key), torch.from_numpy(past_value), j)
+        elif text.layer_types[j] == text.layer_types[i]:
+            cache.update(torch.zeros(shape), torch.zeros(shape), j)
+    x, pos = torch.from_numpy(hidden), torch.from_numpy(positions)
+    layer_type = text.layer_types[i]
+    if side == "encoder":
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        make = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+        mask = make(config=text, inputs_embeds=x, attention_mask=None, cache=cache, position_ids=pos, layer_idx=i)
+    else:
+        mask = hf.DiffusionGemmaDecoderModel.create_diffusion_decoder_attention_mask(text, x, cache)[layer_type]
+    out = layer(x, position_embeddings=rotary(x, pos, layer_type), attention_mask=mask, position_ids=pos, cache=cache)
+    expected = {"layer_output": out.numpy()}
+    if side == "encoder":  # the new tokens' KV are the last entries the cache keeps
+        expected["key"] = cache.layers[i].keys[:, :, -hidden.shape[1]:].numpy()
+        expected["value"] = cache.layers[i].values[:, :, -hidden.shape[1]:].numpy()
+    return expected
+
+
+@torch.no_grad()
+def reference_canvas_embedding(hf, text, checkpoint, weights, canvas_ids, soft) -> np.ndarray:
+    embed = hf.DiffusionGemmaTextScaledWordEmbedding(text.vocab_size, text.hidden_size, text.pad_token_id,
+                                                     embed_scale=text.hidden_size**0.5)
+    load_module(embed, checkpoint, weights, "model.decoder.embed_tokens")
+    block = load_module(hf.DiffusionGemmaSelfConditioning(text), checkpoint, weights, "model.decoder.self_conditioning")
+    return block(embed(torch.from_numpy(canvas_ids)), torch.from_numpy(soft)).numpy()
+
+
+@torch.no_grad()
+def reference_head(hf, config, checkpoint, weights, hidden, temperature, uniform) -> dict:
+    """transformers' final norm, lm_head and softcap, then the same step outputs the full validation checks."""
+    text = config.text_config
+    norm = load_module(hf.DiffusionGemmaRMSNorm(text.hidden_size, eps=text.rms_norm_eps), checkpoint, weights,
+                       "model.decoder.norm")
+    embedding = torch.from_numpy(checkpoint.read(weights.resolve("model.decoder.embed_tokens.weight")))
+    logits = torch.nn.functional.linear(norm(torch.from_numpy(hidden)), embedding).float()
+    logits = torch.tanh(logits / text.final_logit_softcapping) * text.final_logit_softcapping
+    return reference.step_outputs(logits, embedding, text.hidden_size**0.5, temperature, uniform)

@@ -87,8 +87,9 @@ def expected_shapes(config) -> dict[str, tuple]:
     return shapes
 
 
-def progress_bar(total_bytes: int, description: str):
+def progress_bar(total: int, description: str, unit: str = "B"):
+    """A bar on stderr with rate and ETA (hidden when stderr is not a terminal)."""
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=description, file=sys.stderr, leave=False,
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=description, file=sys.stderr, leave=False,
                 disable=None, dynamic_ncols=True)

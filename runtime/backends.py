@@ -28,7 +28,7 @@ class OnnxRuntimeGraph:
 
 
 class OpenVinoGraph:
-    def __init__(self, xml: Path, weights: Path, device: str, precision: str, threads: int | None):
+    def __init__(self, xml: Path, weights: Path | None, device: str, precision: str, threads: int | None):
         try:
             import openvino as ov
         except ImportError:
@@ -40,7 +40,7 @@ class OpenVinoGraph:
         config = {"INFERENCE_PRECISION_HINT": precision} if device.startswith("CPU") else {}
         if threads and device.startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = threads
-        model = core.read_model(str(xml), str(weights))
+        model = core.read_model(str(xml), str(weights)) if weights else core.read_model(str(xml))
         self.compiled = core.compile_model(model, device, config)
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
