@@ -11,6 +11,7 @@ graph), both projections are one batched MatMul over all experts, and each pair'
 weighted. It computes exactly transformers' experts; its cost is capacity/mean-load times the sparse cost.
 """
 
+import copy
 from contextlib import contextmanager
 
 import numpy as np
@@ -61,11 +62,12 @@ class Graph:
             self._constants[key] = name
         return self._constants[key]
 
-    def weight(self, source: str, layout: str = "as_is") -> str:
-        """A checkpoint tensor; layout 'linear' stores an [out, in] matrix as [in, out] (last two axes)."""
-        key = (source, layout)
+    def weight(self, source: str, layout: str = "as_is", rows: tuple[int, int] | None = None) -> str:
+        """A checkpoint tensor; layout 'linear' stores an [out, in] matrix as [in, out] (last two axes); `rows`
+        takes a range of the first axis (validation checks samples of experts and of the vocabulary)."""
+        key = (source, layout, rows)
         if key not in self._weights:
-            tensor = self.weights.tensor(source, layout)
+            tensor = self.weights.tensor(source, layout, rows)
             self.initializers.append(tensor)
             name = tensor.name
             if tensor.data_type != TensorProto.FLOAT:  # stored narrower than it is computed
@@ -104,11 +106,11 @@ def gelu_tanh(g: Graph, x: str) -> str:
     return g.op("Gelu", x, approximate="tanh")
 
 
-def embed_tokens(g: Graph, ids: str, prefix: str, hidden: int) -> str:
+def embed_tokens(g: Graph, ids: str, c: "ModelShape") -> str:
     """DiffusionGemmaTextScaledWordEmbedding: rows of the (tied) embedding times sqrt(hidden)."""
     with g.scope("embed_tokens"):
-        rows = g.op("Gather", g.weight(f"{prefix}.embed_tokens.weight"), ids, axis=0)
-        return g.op("Mul", rows, g.const(hidden**0.5, np.float32))
+        rows = g.op("Gather", g.weight(f"{c.embed_prefix}.embed_tokens.weight", rows=c.vocab_rows), ids, axis=0)
+        return g.op("Mul", rows, g.const(c.hidden**0.5, np.float32))
 
 
 def rotary_emb(g: Graph, position_ids: str, inv_freq: np.ndarray, layer_type: str) -> tuple[str, str]:
@@ -183,21 +185,22 @@ def mlp(g: Graph, x: str, prefix: str) -> str:
     return g.linear(g.op("Mul", gate, g.linear(x, f"{prefix}.up_proj.weight")), f"{prefix}.down_proj.weight")
 
 
-def router(g: Graph, flat: str, prefix: str, hidden: int, top_k: int, eps: float) -> tuple[str, str]:
+def router(g: Graph, flat: str, prefix: str, c: "ModelShape") -> tuple[str, str]:
     """DiffusionGemmaTextRouter: top-k experts per token and their renormalised, per-expert-scaled weights."""
     with g.scope("router"):
-        x = g.op("Mul", g.op("Mul", rms_norm(g, flat, None, eps), g.weight(f"{prefix}.scale")),
-                 g.const(hidden**-0.5, np.float32))
-        probs = g.op("Softmax", g.linear(x, f"{prefix}.proj.weight"), axis=-1)
-        top_weights, top_index = g.op("TopK", probs, g.const([top_k]), axis=-1, largest=1, sorted=1, outputs=2)
+        x = g.op("Mul", g.op("Mul", rms_norm(g, flat, None, c.eps), g.weight(f"{prefix}.scale")),
+                 g.const(c.hidden**-0.5, np.float32))
+        scores = g.op("Gemm", x, g.weight(f"{prefix}.proj.weight", rows=c.expert_rows), transB=1)
+        probs = g.op("Softmax", scores, axis=-1)
+        top_weights, top_index = g.op("TopK", probs, g.const([c.top_k]), axis=-1, largest=1, sorted=1, outputs=2)
         top_weights = g.op("Div", top_weights, g.op("ReduceSum", top_weights, g.const([-1]), keepdims=1))
-        scale = g.op("Gather", g.weight(f"{prefix}.per_expert_scale"), top_index, axis=0)
+        scale = g.op("Gather", g.weight(f"{prefix}.per_expert_scale", rows=c.expert_rows), top_index, axis=0)
         return g.op("Mul", top_weights, scale), top_index
 
 
-def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, num_experts: int, top_k: int,
-            width: int) -> str:
+def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, c: "ModelShape") -> str:
     """DiffusionGemmaTextExperts as a capacity dispatch (see the module docstring). flat [N, H] -> [N, H]."""
+    num_experts, top_k, width = c.num_experts, c.top_k, c.expert_width
     with g.scope("experts"):
         pair_expert = g.op("Reshape", top_index, g.const([-1]))  # [N*K], token-major
         one_hot = g.op("Cast", g.op("Equal", g.op("Unsqueeze", pair_expert, g.const([1])),
@@ -214,9 +217,10 @@ def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, 
                      value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
         dispatched = g.op("ScatterND", empty, where, g.op("Gather", flat, pair_token, axis=0))  # [E, C, H]
 
-        gate_up = g.op("MatMul", dispatched, g.weight(f"{prefix}.gate_up_proj", "linear"))  # [E, C, 2 * width]
+        gate_up = g.op("MatMul", dispatched, g.weight(f"{prefix}.gate_up_proj", "linear", c.expert_rows))  # [E, C, 2W]
         gate, up = g.op("Split", gate_up, g.const([width, width]), axis=-1, outputs=2)
-        out = g.op("MatMul", g.op("Mul", gelu_tanh(g, gate), up), g.weight(f"{prefix}.down_proj", "linear"))
+        out = g.op("MatMul", g.op("Mul", gelu_tanh(g, gate), up),
+                   g.weight(f"{prefix}.down_proj", "linear", c.expert_rows))
 
         per_pair = g.op("Mul", g.op("GatherND", out, where), g.op("Reshape", top_weights, g.const([-1, 1])))
         return g.op("ReduceSum", g.op("Reshape", per_pair, g.op("Concat", g.const([-1, top_k]), hidden, axis=0)),
@@ -237,9 +241,9 @@ def text_layer(g: Graph, x: str, i: int, c: "ModelShape", rope, past_key: str, p
             dense = mlp(g, rms_norm(g, x, f"{prefix}.pre_feedforward_layernorm.weight", eps), f"{prefix}.mlp")
         dense = rms_norm(g, dense, f"{prefix}.post_feedforward_layernorm_1.weight", eps)
         flat = g.op("Reshape", x, g.const([-1, c.hidden]))
-        top_weights, top_index = router(g, flat, f"{prefix}.router", c.hidden, c.top_k, eps)
+        top_weights, top_index = router(g, flat, f"{prefix}.router", c)
         routed = experts(g, rms_norm(g, flat, f"{prefix}.pre_feedforward_layernorm_2.weight", eps), top_index,
-                         top_weights, f"{prefix}.experts", c.num_experts, c.top_k, c.expert_width)
+                         top_weights, f"{prefix}.experts", c)
         routed = rms_norm(g, g.op("Reshape", routed, g.op("Shape", x)), f"{prefix}.post_feedforward_layernorm_2.weight", eps)
         x = g.op("Add", x, rms_norm(g, g.op("Add", dense, routed), f"{prefix}.post_feedforward_layernorm.weight", eps))
         return g.op("Mul", x, g.weight(f"{layer_scalar_prefix}.{i}.layer_scalar")), key, value
@@ -266,7 +270,19 @@ class ModelShape:
         self.num_experts, self.top_k, self.expert_width = text.num_experts, text.top_k_experts, text.moe_intermediate_size
         self.sliding_window, self.vocab = text.sliding_window, text.vocab_size
         self.softcap = text.final_logit_softcapping
+        tied = getattr(config, "tie_word_embeddings", True)
+        self.lm_head = f"{self.embed_prefix}.embed_tokens.weight" if tied else "lm_head.weight"
         self.inv_freq = rotary_frequencies(text)
+        self.expert_rows = self.vocab_rows = None  # all of them; validation narrows these to samples
+
+    def sample(self, experts: tuple[int, int] | None = None, vocab: tuple[int, int] | None = None) -> "ModelShape":
+        """The same model restricted to a range of its experts and of its vocabulary."""
+        narrowed = copy.copy(self)
+        if experts is not None:
+            narrowed.expert_rows, narrowed.num_experts = experts, experts[1] - experts[0]
+        if vocab is not None:
+            narrowed.vocab_rows, narrowed.vocab = vocab, vocab[1] - vocab[0]
+        return narrowed
 
 
 def rotary_frequencies(text_config) -> dict[str, np.ndarray]:
@@ -288,7 +304,7 @@ def build_encoder(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
     g = Graph("encoder", weights)
     input_ids, position_ids = g.add_input(spec["inputs"][0]), g.add_input(spec["inputs"][1])
     past = [g.add_input(e) for e in spec["inputs"][2:]]
-    x = embed_tokens(g, input_ids, c.embed_prefix, c.hidden)
+    x = embed_tokens(g, input_ids, c)
     rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
     masks = {}
     for i, layer_type in enumerate(c.layer_types):
@@ -320,7 +336,7 @@ def build_denoiser(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
 
 def canvas_embedding(g: Graph, canvas_ids: str, soft_embedding: str, c: ModelShape) -> str:
     """The decoder's input: token embeddings plus DiffusionGemmaSelfConditioning of the previous step's signal."""
-    x = embed_tokens(g, canvas_ids, c.embed_prefix, c.hidden)
+    x = embed_tokens(g, canvas_ids, c)
     with g.scope("self_conditioning"):
         signal = mlp(g, rms_norm(g, soft_embedding, "model.decoder.self_conditioning.pre_norm.weight", c.eps),
                      "model.decoder.self_conditioning")
@@ -330,10 +346,10 @@ def canvas_embedding(g: Graph, canvas_ids: str, soft_embedding: str, c: ModelSha
 def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShape) -> dict[str, str]:
     """Final norm, the tied lm_head with its softcap, and the sampling head: the denoiser's outputs by name."""
     x = rms_norm(g, x, "model.decoder.norm.weight", c.eps)
-    embedding = g.weight(f"{c.embed_prefix}.embed_tokens.weight")
-    with g.scope("lm_head"):  # tied to the embedding: Gemm reads it transposed, so it is stored once
+    embedding = g.weight(f"{c.embed_prefix}.embed_tokens.weight", rows=c.vocab_rows)
+    with g.scope("lm_head"):  # usually tied to the embedding: Gemm reads it transposed, so it is stored once
         flat = g.op("Reshape", x, g.const([-1, c.hidden]))
-        logits = g.op("Reshape", g.op("Gemm", flat, embedding, transB=1),
+        logits = g.op("Reshape", g.op("Gemm", flat, g.weight(c.lm_head, rows=c.vocab_rows), transB=1),
                       g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([c.vocab]), axis=0))
         softcap = g.const(c.softcap, np.float32)
         logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, softcap)), softcap)

@@ -22,7 +22,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def bf16_to_fp32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= 16  # in place: the widened copy is the only one
+    return wide.view(np.float32)
 
 
 class Checkpoint:
@@ -71,18 +73,22 @@ class Checkpoint:
         start, end = self.entries[name][1]["data_offsets"]
         return end - start
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as float32 (bf16 and fp16 are widened exactly)."""
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """One tensor, or rows [start, stop) of its first axis, as float32 (bf16 and fp16 are widened exactly)."""
         if name not in self.entries:
             raise UserError(f"the checkpoint has no tensor {name!r}: it does not match its config.json")
         shard, entry = self.entries[name]
-        start, end = entry["data_offsets"]
-        raw = np.empty(end - start, dtype=np.uint8)
+        shape = entry["shape"]
+        itemsize = np.dtype(DTYPES[entry["dtype"]]).itemsize
+        row_bytes = itemsize * int(np.prod(shape[1:])) if shape else itemsize
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        raw = np.empty((stop - start) * row_bytes, dtype=np.uint8)
         with open(shard, "rb") as handle:
-            handle.seek(start)
+            handle.seek(entry["data_offsets"][0] + start * row_bytes)
             if handle.readinto(memoryview(raw)) != raw.size:
                 raise UserError(f"{shard.name} is truncated (tensor {name}); download the checkpoint again")
-        array = raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        array = raw.view(DTYPES[entry["dtype"]]).reshape([stop - start, *shape[1:]] if shape else [])
+        del raw
         if entry["dtype"] == "BF16":
             return bf16_to_fp32(array)
         return array.astype(np.float32, copy=False)

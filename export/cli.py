@@ -122,6 +122,7 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
         bar = progress_bar(params * STORED_BYTES[recipe["weights"]], "weights")
         weights = Weights(staging / WEIGHTS_FILE, checkpoint, recipe["weights"], shapes, bar)
         try:
+            weights.check_shapes()
             graphs = build_graphs(config, weights)
         finally:
             weights.close()
@@ -220,7 +221,7 @@ def print_validation(rows: list[dict]) -> None:
     for (backend, graph, output), members in groups.items():
         worst = max(members, key=lambda r: r["diff"])
         label = f"{graph} ({len(members)})" if len(members) > 1 else graph
-        print(f"  {backend:11} {label:20} {output:22} {worst['diff']:.2e}  "
+        print(f"  {backend:11} {label:20} {output:29} {worst['diff']:.2e}  "
               f"{'ok' if all(r['ok'] for r in members) else 'FAIL'}", file=sys.stderr)
 
 

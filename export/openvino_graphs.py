@@ -14,24 +14,14 @@ import numpy as np
 import onnx
 import openvino as ov
 
-from .weights import ALIGNMENT
+from .weights import ALIGNMENT, external_location, weights_as_inputs
 
-ELEMENT_TYPES = {onnx.TensorProto.FLOAT: (ov.Type.f32, np.float32), onnx.TensorProto.FLOAT16: (ov.Type.f16, np.float16)}
-
-
-def external_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
 def convert(model: onnx.ModelProto, xml_path: Path, weights_path: Path) -> None:
     """Write `xml_path` (+ a temporary .bin) whose checkpoint Constants point into `weights_path`."""
-    external = external_initializers(model)
-    twin = onnx.ModelProto()
-    twin.CopyFrom(model)
-    del twin.graph.initializer[:]
-    twin.graph.initializer.extend(t for t in model.graph.initializer if t.name not in external)
-    for tensor in external.values():
-        twin.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    twin, external = weights_as_inputs(model)
     twin_path = xml_path.with_suffix(".twin.onnx")
     onnx.save(twin, str(twin_path))
     try:
@@ -39,13 +29,13 @@ def convert(model: onnx.ModelProto, xml_path: Path, weights_path: Path) -> None:
     finally:
         twin_path.unlink()
 
-    largest = max(int(np.prod(t.dims)) * np.dtype(ELEMENT_TYPES[t.data_type][1]).itemsize for t in external.values())
+    largest = max(int(np.prod(t.dims)) * np.dtype(NUMPY_TYPES[t.data_type]).itemsize for t in external.values())
     zeros = np.zeros(largest, dtype=np.uint8)  # calloc'd: reading it maps the shared zero page, costing nothing
     for parameter in list(ov_model.get_parameters()):
         tensor = external.get(parameter.get_friendly_name())
         if tensor is None:
             continue
-        element_type, dtype = ELEMENT_TYPES[tensor.data_type]
+        dtype = NUMPY_TYPES[tensor.data_type]
         count = int(np.prod(tensor.dims))
         view = zeros[: count * np.dtype(dtype).itemsize].view(dtype).reshape(tensor.dims)
         constant = ov.op.Constant(ov.Tensor(view, shared_memory=True), shared_memory=True)
@@ -70,9 +60,9 @@ def point_at_weights(xml_path: Path, external: dict, weights_path: Path) -> None
                 continue
             tensor = external.get(layer.get("name"))
             if tensor is not None:
-                location = {e.key: e.value for e in tensor.external_data}
-                assert int(location["length"]) == int(data.get("size")), layer.get("name")
-                data.set("offset", location["offset"])
+                _, offset, length = external_location(tensor)
+                assert length == int(data.get("size")), layer.get("name")
+                data.set("offset", str(offset))
                 continue
             span = (int(data.get("offset")), int(data.get("size")))
             if span not in appended:

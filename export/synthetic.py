@@ -32,7 +32,7 @@ def text_tensor_shapes(config) -> dict[str, tuple]:
     shapes = expected_shapes(config)
     stored = {}
     for name, shape in shapes.items():
-        if name == "lm_head.weight" or name.startswith("model.encoder.language_model.") and not name.endswith("layer_scalar"):
+        if name.startswith("model.encoder.language_model.") and not name.endswith("layer_scalar"):
             continue  # tied to the decoder's tensors; transformers saves those
         stored[name] = shape
     return stored

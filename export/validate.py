@@ -4,6 +4,8 @@ The prompt is longer than the sliding window and is followed by a second chunk, 
 the causal window inside the encoder and the denoiser's view of a trimmed cache are all exercised.
 """
 
+import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,9 @@ from dg_runtime.kv_cache import KVCache
 
 from . import reference
 
-INTEGER_OUTPUTS = ("argmax", "sampled")
+INTEGER_OUTPUTS = ("argmax", "sampled", "tensors unlike the checkpoint")
+EXPERT_SAMPLE = 16
+VOCAB_SAMPLE = 16384
 
 
 def compare(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -104,45 +108,104 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
 
 # --- by layer: for checkpoints too large to hold, one layer's reference and graphs at a time ------------------
 
+class ComponentWeights:
+    """One component's tensors, read back from the artifact's weights file and shared without copies by
+    transformers' module (as views in its own layout) and by both backends (fed as inputs to a copy of the
+    component graph whose weights are inputs)."""
+
+    def __init__(self, model: onnx.ModelProto, folder: Path):
+        self.arrays, self.sources = {}, {}
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                array = read_stored(tensor, folder)
+                self.arrays[tensor.name] = array
+                source = re.sub(r"\[\d+:\d+\]$", "", tensor.name)
+                self.sources[source.removesuffix(".linear")] = (array, source.endswith(".linear"))
+
+    def torch(self, source: str) -> torch.Tensor:
+        """The tensor in transformers' layout (a view when it is stored transposed)."""
+        array, linear = self.sources[source]
+        tensor = torch.from_numpy(array.astype(np.float32, copy=False))
+        return tensor.transpose(-1, -2) if linear else tensor
+
+
+def read_stored(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    from .weights import STORED, external_location
+
+    dtype = {onnx_type: np_type for np_type, onnx_type in STORED.values()}[tensor.data_type]
+    file, offset, length = external_location(tensor)
+    return np.fromfile(Path(folder) / file, dtype=dtype, count=length // np.dtype(dtype).itemsize,
+                       offset=offset).reshape(tensor.dims)
+
+
+def check_weights_file(checkpoint, weights, folder: Path) -> float:
+    """The fraction of tensors the weights file does not hold exactly as the checkpoint does (at the stored
+    precision), compared chunk by chunk."""
+    mismatched = 0
+    for (source, layout) in weights.locations:
+        stored = read_stored(weights.tensor(source, layout), folder)
+        view = np.swapaxes(stored, -1, -2) if layout == "linear" else stored
+        name = weights.resolve(source)
+        rows = view.shape[0] if view.ndim else 1
+        step = max(1, (64 << 20) // max(1, view[0].nbytes if view.ndim else 1))
+        for start in range(0, rows, step):
+            expected = checkpoint.read(name, start, min(rows, start + step) if view.ndim else None)
+            if not np.array_equal(expected.astype(stored.dtype), view[start:start + step] if view.ndim else view):
+                mismatched += 1
+                break
+        del stored, view
+    return mismatched / max(1, len(weights.locations))
+
+
 def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], atol: float, batch: int = 2,
                       new_tokens: int = 5, seed: int = 0, progress=None) -> list[dict]:
-    """Each component of the graphs, built by the same builder functions and reading the same weights file, against
-    transformers' own module loaded with only that component's tensors: every encoder and decoder layer (with a
-    past longer than the sliding window would keep), the canvas embedding with self-conditioning, and the head.
-
-    OpenVINO reads these component graphs through its ONNX frontend; the IR conversion itself is checked by the
-    full validation, which small checkpoints get.
+    """Each component of the graphs, built by the same builder functions from the same weights, against
+    transformers' own module: every encoder and decoder layer (with a past longer than the sliding window would
+    keep), the canvas embedding with self-conditioning, and the head. One component's weights are in memory at a
+    time, once: read back from the weights file and checked against the checkpoint, they feed transformers'
+    module and both backends. (The weights are graph inputs here; the artifact's graphs, where they are
+    constants in the weights file, are what the full validation of small checkpoints checks.)
     """
     from transformers.models.diffusion_gemma import modeling_diffusion_gemma as hf
 
     from . import builder
 
-    text = config.text_config
+    text = copy.deepcopy(config.text_config)
     text._attn_implementation = "eager"
-    shape = builder.ModelShape(config)
+    full_shape = builder.ModelShape(config)
     rng = np.random.default_rng(seed)
     rotary = hf.DiffusionGemmaTextRotaryEmbedding(text)
-    rows = []
+    rows = [{"backend": "-", "graph": "weights file", "output": "tensors unlike the checkpoint",
+             "diff": check_weights_file(checkpoint, weights, Path(folder))}]
+    if progress is not None:
+        progress.update(1)
 
-    def check(name: str, graph: builder.Graph, feeds: dict, expected: dict):
-        path = Path(folder) / f".validate-{name}.onnx"
-        onnx.save(graph.model(), str(path))
-        try:
-            for backend in backends:
-                session = open_component(path, backend)
-                for output, actual in zip(expected, session.run(list(expected), feeds)):
-                    diff = compare(expected[output], actual)
-                    if output == "sampled":
-                        diff = samples_outside_interval(expected["logits"], feeds["temperature"],
-                                                        feeds["sample_uniform"], actual)
-                    rows.append({"backend": backend, "graph": name, "output": output, "diff": diff})
-        finally:
-            path.unlink()
+    def check(name: str, graph: builder.Graph, feeds: dict, reference):
+        model = graph.model()
+        tensors = ComponentWeights(model, Path(folder))
+        expected = reference(tensors.torch)
+        for backend in backends:
+            outputs = run_component(model, backend, {**feeds, **tensors.arrays}, list(expected), Path(folder))
+            for output, actual in zip(expected, outputs):
+                diff = compare(expected[output], actual)
+                if output == "sampled":
+                    diff = samples_outside_interval(expected["logits"], feeds["temperature"],
+                                                    feeds["sample_uniform"], actual)
+                rows.append({"backend": backend, "graph": name, "output": output, "diff": diff})
         if progress is not None:
             progress.update(1)
 
+    # Each layer is checked with a sample of its experts (a rotating range of EXPERT_SAMPLE, its router rows and
+    # per-expert scales: transformers' layer built for that many experts), the embedding and the head with a sample
+    # of the vocabulary; the byte check above covers every tensor.
+    sample = min(text.num_experts, max(text.top_k_experts, EXPERT_SAMPLE))
+    vocab = (0, min(text.vocab_size, VOCAB_SAMPLE))
+    text.vocab_size = vocab[1]
     past_lengths = {"sliding_attention": text.sliding_window - 1, "full_attention": text.sliding_window + 3}
     for i, layer_type in enumerate(text.layer_types):
+        first = i * sample % full_shape.num_experts if full_shape.num_experts % sample == 0 else 0
+        shape = full_shape.sample(experts=(first, first + sample), vocab=vocab)
+        text.num_experts = sample
         layout = shape.layout[i]
         past = past_lengths[layer_type]
         hidden = rng.standard_normal((batch, new_tokens, text.hidden_size)).astype(np.float32)
@@ -150,8 +213,6 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
         past_key, past_value = (rng.standard_normal((batch, layout["kv_heads"], past, layout["head_dim"]))
                                 .astype(np.float32) for _ in range(2))
         for side in ("encoder", "decoder"):
-            expected = reference_layer(hf, text, checkpoint, weights, rotary, i, side, hidden, positions, past_key,
-                                       past_value)
             g = builder.Graph(f"{side}.layers.{i}", weights)
             x, pos, pk, pv = (g.add_input(e) for e in layer_io(text, layout))
             rope = builder.rotary_emb(g, pos, shape.inv_freq[layer_type], layer_type)
@@ -160,12 +221,14 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
                 mask = builder.causal_mask(g, pos, pk, text.sliding_window if layer_type == "sliding_attention" else None)
             prefix = "model.encoder.language_model.layers" if side == "encoder" else shape.layers_prefix
             out, key, value = builder.text_layer(g, x, i, shape, rope, pk, pv, mask, prefix)
-            for value_name, entry in zip((out, key, value), output_io(text, layout)):
-                if entry["name"] in expected:
-                    g.add_output(value_name, entry)
-            check(f"{side}.layers.{i}", g, {"hidden_states": hidden, "position_ids": positions,
-                                             "past_key": past_key, "past_value": past_value}, expected)
+            for value_name, entry in zip((out, key, value), output_io(text, layout)[:3 if side == "encoder" else 1]):
+                g.add_output(value_name, entry)
+            check(f"{side}.layers.{i}", g, {"hidden_states": hidden, "position_ids": positions, "past_key": past_key,
+                                             "past_value": past_value},
+                  lambda tensor: reference_layer(hf, text, tensor, rotary, i, side, hidden, positions, past_key,
+                                                 past_value))
 
+    shape = full_shape.sample(vocab=vocab)
     canvas = config.canvas_length
     canvas_ids = rng.integers(0, text.vocab_size, (batch, canvas))
     soft = rng.standard_normal((batch, canvas, text.hidden_size)).astype(np.float32)
@@ -175,29 +238,31 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
     g.add_output(builder.canvas_embedding(g, ids, soft_in, shape),
                  {"name": "hidden_states", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
     check("canvas_embedding", g, {"canvas_ids": canvas_ids, "soft_embedding": soft},
-          {"hidden_states": reference_canvas_embedding(hf, text, checkpoint, weights, canvas_ids, soft)})
+          lambda tensor: {"hidden_states": reference_canvas_embedding(hf, text, tensor, canvas_ids, soft)})
 
-    head_batch = 1 if canvas * text.vocab_size > 1 << 24 else batch  # vocabulary-sized temporaries add up
-    hidden = rng.standard_normal((head_batch, canvas, text.hidden_size)).astype(np.float32)
-    temperature, uniform = np.array(0.7, dtype=np.float32), rng.random((head_batch, canvas), dtype=np.float32)
+    # The head works position by position: a few rows check it as well as a canvas, with a fraction of the
+    # vocabulary-sized temporaries.
+    rows_checked = min(canvas, 16)
+    hidden = rng.standard_normal((1, rows_checked, text.hidden_size)).astype(np.float32)
+    temperature, uniform = np.array(0.7, dtype=np.float32), rng.random((1, rows_checked), dtype=np.float32)
     g = builder.Graph("head", weights)
-    x = g.add_input({"name": "hidden_states", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
+    x = g.add_input({"name": "hidden_states", "dtype": "float32", "shape": ["batch", "rows", text.hidden_size]})
     t = g.add_input({"name": "temperature", "dtype": "float32", "shape": []})
-    u = g.add_input({"name": "sample_uniform", "dtype": "float32", "shape": ["batch", canvas]})
-    spec = builder.graph_specs(config)["denoiser"]["outputs"]
+    u = g.add_input({"name": "sample_uniform", "dtype": "float32", "shape": ["batch", "rows"]})
+    spec = [{**e, "shape": ["batch", "rows", *([shape.vocab] if e["name"] == "logits" else e["shape"][2:])]}
+            for e in builder.graph_specs(config)["denoiser"]["outputs"]]
     outputs = builder.denoiser_head(g, x, t, u, shape)
     for entry in spec:
         g.add_output(outputs[entry["name"]], entry)
-    expected = reference_head(hf, config, checkpoint, weights, hidden, temperature, uniform)
     check("head", g, {"hidden_states": hidden, "temperature": temperature, "sample_uniform": uniform},
-          {e["name"]: expected[e["name"]] for e in spec})
+          lambda tensor: reference_head(hf, text, tensor, shape.lm_head, hidden, temperature, uniform))
     for row in rows:
         row["ok"] = row["diff"] == 0 if row["output"] in INTEGER_OUTPUTS else row["diff"] <= atol
     return rows
 
 
 def component_count(config) -> int:
-    return 2 * config.text_config.num_hidden_layers + 2
+    return 2 * config.text_config.num_hidden_layers + 3
 
 
 def layer_io(text, layout) -> list[dict]:
@@ -213,37 +278,49 @@ def output_io(text, layout) -> list[dict]:
             {"name": "key", "dtype": "float32", "shape": kv}, {"name": "value", "dtype": "float32", "shape": kv}]
 
 
-def open_component(path: Path, backend: str):
-    from dg_runtime.backends import OnnxRuntimeGraph, OpenVinoGraph
+def run_component(model: onnx.ModelProto, backend: str, feeds: dict, outputs: list[str], scratch: Path):
+    """Run a component graph with its weights as inputs (the arrays in `feeds` are used in place)."""
+    from .weights import weights_as_inputs
 
-    if backend == "onnxruntime":
-        return OnnxRuntimeGraph(path, threads=None)
-    return OpenVinoGraph(path, None, "CPU", "f32", threads=None)
+    twin, _ = weights_as_inputs(model)
+    path = scratch / f".validate-{model.graph.name}.onnx"
+    onnx.save(twin, str(path))
+    try:
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(outputs, feeds)
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled.create_infer_request().infer(feeds, share_inputs=True)
+        return [result[compiled.output(name)] for name in outputs]
+    finally:
+        path.unlink()
 
 
-def load_module(module, checkpoint, weights, prefix: str, overrides: dict | None = None):
-    """Fill a transformers module with the checkpoint's tensors under `prefix` (tied names resolved)."""
-    state = {}
-    for name, tensor in module.state_dict().items():
-        source = (overrides or {}).get(name, f"{prefix}.{name}")
-        state[name] = torch.from_numpy(checkpoint.read(weights.resolve(source)))
-    module.load_state_dict(state, strict=False)
+def load_module(make, tensor, prefix: str, overrides: dict | None = None):
+    """A transformers module built on the meta device and given the component's tensors under `prefix`."""
+    with torch.device("meta"):
+        module = make()
+    state = {name: tensor((overrides or {}).get(name, f"{prefix}.{name}")) for name in module.state_dict()}
+    module.load_state_dict(state, strict=False, assign=True)
     return module.eval()
 
 
 @torch.no_grad()
-def reference_layer(hf, text, checkpoint, weights, rotary, i, side, hidden, positions, past_key, past_value) -> dict:
+def reference_layer(hf, text, tensor, rotary, i, side, hidden, positions, past_key, past_value) -> dict:
     """transformers' encoder or decoder layer `i` on explicit inputs, the past given through a DynamicCache."""
     layer_class = hf.DiffusionGemmaEncoderTextLayer if side == "encoder" else hf.DiffusionGemmaDecoderTextLayer
     scalar = f"model.{'encoder.language_model' if side == 'encoder' else 'decoder'}.layers.{i}.layer_scalar"
-    layer = load_module(layer_class(text, i), checkpoint, weights, f"model.decoder.layers.{i}", {"layer_scalar": scalar})
+    layer = load_module(lambda: layer_class(text, i), tensor, f"model.decoder.layers.{i}", {"layer_scalar": scalar})
     cache = DynamicCache(config=text)
     for j, layer_type in enumerate(text.layer_types):  # other layers only need the right lengths for the masks
-        shape = (*past_key.shape[:2], past_key.shape[2] if j == i else 0, past_key.shape[3])
         if j == i:
             cache.update(torch.from_numpy(past_key), torch.from_numpy(past_value), j)
-        elif text.layer_types[j] == text.layer_types[i]:
-            cache.update(torch.zeros(shape), torch.zeros(shape), j)
+        elif layer_type == text.layer_types[i]:
+            empty = torch.zeros(*past_key.shape[:2], 0, past_key.shape[3])
+            cache.update(empty, empty, j)
     x, pos = torch.from_numpy(hidden), torch.from_numpy(positions)
     layer_type = text.layer_types[i]
     if side == "encoder":
@@ -262,21 +339,21 @@ def reference_layer(hf, text, checkpoint, weights, rotary, i, side, hidden, posi
 
 
 @torch.no_grad()
-def reference_canvas_embedding(hf, text, checkpoint, weights, canvas_ids, soft) -> np.ndarray:
-    embed = hf.DiffusionGemmaTextScaledWordEmbedding(text.vocab_size, text.hidden_size, text.pad_token_id,
-                                                     embed_scale=text.hidden_size**0.5)
-    load_module(embed, checkpoint, weights, "model.decoder.embed_tokens")
-    block = load_module(hf.DiffusionGemmaSelfConditioning(text), checkpoint, weights, "model.decoder.self_conditioning")
+def reference_canvas_embedding(hf, text, tensor, canvas_ids, soft) -> np.ndarray:
+    embed = load_module(lambda: hf.DiffusionGemmaTextScaledWordEmbedding(
+        text.vocab_size, text.hidden_size, text.pad_token_id, embed_scale=text.hidden_size**0.5),
+        tensor, "model.decoder.embed_tokens")
+    embed.embed_scale = torch.tensor(text.hidden_size**0.5)  # a non-persistent buffer: not in the checkpoint
+    block = load_module(lambda: hf.DiffusionGemmaSelfConditioning(text), tensor, "model.decoder.self_conditioning")
     return block(embed(torch.from_numpy(canvas_ids)), torch.from_numpy(soft)).numpy()
 
 
 @torch.no_grad()
-def reference_head(hf, config, checkpoint, weights, hidden, temperature, uniform) -> dict:
+def reference_head(hf, text, tensor, lm_head: str, hidden, temperature, uniform) -> dict:
     """transformers' final norm, lm_head and softcap, then the same step outputs the full validation checks."""
-    text = config.text_config
-    norm = load_module(hf.DiffusionGemmaRMSNorm(text.hidden_size, eps=text.rms_norm_eps), checkpoint, weights,
+    norm = load_module(lambda: hf.DiffusionGemmaRMSNorm(text.hidden_size, eps=text.rms_norm_eps), tensor,
                        "model.decoder.norm")
-    embedding = torch.from_numpy(checkpoint.read(weights.resolve("model.decoder.embed_tokens.weight")))
-    logits = torch.nn.functional.linear(norm(torch.from_numpy(hidden)), embedding).float()
+    logits = torch.nn.functional.linear(norm(torch.from_numpy(hidden)), tensor(lm_head)).float()
     logits = torch.tanh(logits / text.final_logit_softcapping) * text.final_logit_softcapping
-    return reference.step_outputs(logits, embedding, text.hidden_size**0.5, temperature, uniform)
+    return reference.step_outputs(logits, tensor("model.decoder.embed_tokens.weight"), text.hidden_size**0.5,
+                                  temperature, uniform)

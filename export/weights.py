@@ -12,6 +12,7 @@ import numpy as np
 from onnx import TensorProto
 
 ALIGNMENT = 64  # bytes; lets a runtime map tensors straight from the file
+CHUNK_BYTES = 64 << 20  # tensors stream through memory in pieces of about this many fp32 bytes
 WEIGHTS_FILE = "weights.bin"
 STORED = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 STORED_BYTES = {"fp32": 4, "fp16": 2}
@@ -32,6 +33,19 @@ class Weights:
     def close(self):
         self.file.close()
 
+    def check_shapes(self) -> None:
+        """Every tensor the config implies is in the checkpoint (under its own name or a tied one) with the shape
+        the config implies: checked from the shard headers before anything is written."""
+        from dg_runtime.errors import UserError
+
+        for name, shape in self.expected_shapes.items():
+            stored = self.resolve(name)
+            if stored not in self.checkpoint:
+                raise UserError(f"the checkpoint has no tensor {name!r}: it does not match its config.json")
+            if self.checkpoint.shape(stored) != tuple(shape):
+                raise UserError(f"tensor {stored} has shape {list(self.checkpoint.shape(stored))}, the config implies "
+                                f"{list(shape)}: the weights do not match config.json")
+
     def resolve(self, name: str) -> str:
         if name in self.checkpoint:
             return name
@@ -41,12 +55,17 @@ class Weights:
                     return name.replace(src, dst, 1)
         return name  # Checkpoint.read says it is missing
 
-    def tensor(self, source: str, layout: str = "as_is") -> TensorProto:
-        """An initializer for `source` in `layout`, its bytes in the weights file (written on first request)."""
+    def tensor(self, source: str, layout: str = "as_is", rows: tuple[int, int] | None = None) -> TensorProto:
+        """An initializer for `source` in `layout`, its bytes in the weights file (written on first request);
+        `rows` narrows it to a range of its first axis, which is contiguous in the file."""
         key = (source, layout)
         if key not in self.locations:
             self.locations[key] = self._write(source, layout)
         name, offset, length, dtype, shape = self.locations[key]
+        if rows is not None:
+            row_bytes = length // shape[0]
+            name, offset, length = f"{name}[{rows[0]}:{rows[1]}]", offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         tensor = TensorProto(name=name, data_type=dtype, dims=shape)
         tensor.data_location = TensorProto.EXTERNAL
         for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
@@ -54,26 +73,28 @@ class Weights:
         return tensor
 
     def _write(self, source: str, layout: str):
-        from dg_runtime.errors import UserError
-
+        """Append one tensor in chunks of rows (of experts, for a 3-D expert weight), so that memory holds a chunk,
+        not the tensor; only a 2-D matrix that must be transposed is read whole."""
         stored = self.resolve(source)
-        array = self.checkpoint.read(stored)
-        expected = self.expected_shapes.get(source)
-        if expected is not None and tuple(array.shape) != tuple(expected):
-            raise UserError(f"tensor {stored} has shape {list(array.shape)}, the config implies {list(expected)}: "
-                            "the weights do not match config.json")
-        if layout == "linear":
-            array = np.swapaxes(array, -1, -2)
-        np_dtype, onnx_dtype = STORED[self.precision] if array.ndim > 1 else STORED["fp32"]
-        data = np.ascontiguousarray(array, dtype=np_dtype)
-        del array
+        shape = self.checkpoint.shape(stored)
+        np_dtype, onnx_dtype = STORED[self.precision] if len(shape) > 1 else STORED["fp32"]
+        whole = layout == "linear" and len(shape) == 2
+        row_bytes = 4 * int(np.prod(shape[1:])) if len(shape) > 1 else 4
+        rows = shape[0] if whole or not shape else max(1, CHUNK_BYTES // row_bytes)
         self.file.write(b"\0" * (-self.file.tell() % ALIGNMENT))
         offset = self.file.tell()
-        self.file.write(memoryview(data).cast("B"))
-        if self.progress is not None:
-            self.progress.update(data.nbytes)
+        for start in range(0, shape[0] if shape else 1, rows):
+            chunk = self.checkpoint.read(stored, start, min(start + rows, shape[0]) if shape else None)
+            if layout == "linear":
+                chunk = np.swapaxes(chunk, -1, -2)
+            data = np.ascontiguousarray(chunk, dtype=np_dtype)
+            del chunk
+            self.file.write(memoryview(data).cast("B"))
+            if self.progress is not None:
+                self.progress.update(data.nbytes)
+        out_shape = (*shape[:-2], shape[-1], shape[-2]) if layout == "linear" else shape
         name = source if layout == "as_is" else f"{source}.{layout}"
-        return name, offset, data.nbytes, onnx_dtype, tuple(data.shape)
+        return name, offset, self.file.tell() - offset, onnx_dtype, tuple(out_shape)
 
 
 def expected_shapes(config) -> dict[str, tuple]:
@@ -83,8 +104,9 @@ def expected_shapes(config) -> dict[str, tuple]:
 
     with torch.device("meta"):
         model = DiffusionGemmaForBlockDiffusion(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items() if "vision" not in name}
-    return shapes
+    tied_head = getattr(config, "tie_word_embeddings", True)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()
+            if "vision" not in name and not (tied_head and name == "lm_head.weight")}
 
 
 def progress_bar(total: int, description: str, unit: str = "B"):
@@ -93,3 +115,25 @@ def progress_bar(total: int, description: str, unit: str = "B"):
 
     return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=description, file=sys.stderr, leave=False,
                 disable=None, dynamic_ncols=True)
+
+
+def external_location(tensor: TensorProto) -> tuple[str, int, int]:
+    """(file, offset, length) of an initializer stored in the weights file."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    return entries["location"], int(entries["offset"]), int(entries["length"])
+
+
+def weights_as_inputs(model):
+    """A copy of a graph in which the initializers stored in the weights file are graph inputs instead (OpenVINO
+    converts such a copy without reading any weight; validation feeds the weights from memory it already holds).
+    Returns the copy and those initializers by name."""
+    import onnx
+
+    external = {t.name: t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    del twin.graph.initializer[:]
+    twin.graph.initializer.extend(t for t in model.graph.initializer if t.name not in external)
+    for tensor in external.values():
+        twin.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return twin, external

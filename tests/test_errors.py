@@ -83,11 +83,11 @@ def test_interrupted_or_full_disk_leaves_nothing(tmp_path, capsys, checkpoint, m
 
     read, calls = Checkpoint.read, []
 
-    def fail_midway(self, name):
+    def fail_midway(self, name, *rows):
         calls.append(name)
         if len(calls) == 10:
             raise failure
-        return read(self, name)
+        return read(self, name, *rows)
 
     monkeypatch.setattr(Checkpoint, "read", fail_midway)
     assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out")]) == code
@@ -154,3 +154,51 @@ def test_bad_prompts(exported, capsys, tmp_path):
     assert "not valid UTF-8" in one_error_line(capsys, "dg-run")
     assert dg_run([str(artifact)]) == 2
     assert "no prompt" in one_error_line(capsys, "dg-run")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    from conftest import BASE, CONFIGS
+    from dg_export.builtin import tiny_config
+    from dg_export.synthetic import write_checkpoint
+
+    overrides, canvas = CONFIGS["window8-top2"]
+    config = tiny_config({**BASE, **overrides, "num_hidden_layers": len(overrides["layer_types"])}, canvas)
+    return write_checkpoint(tmp_path_factory.mktemp("sharded") / "model", config, shard_bytes=32 << 10)
+
+
+def break_index(model):
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.decoder.layers.0.mlp.up_proj.weight.extra"] = next(iter(index["weight_map"].values()))
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def corrupt_header(model):
+    shard = sorted(model.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[10:20] = b"\xff" * 10
+    shard.write_bytes(bytes(data))
+
+
+def wrong_shape(model):
+    """A checkpoint whose up_proj is one row short of what config.json says."""
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 1
+    (model / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: sorted(m.glob("*.safetensors"))[2].unlink(), "is missing"),
+    (break_index, "no shard holds"),
+    (corrupt_header, "JSON header is corrupt"),
+    (lambda m: sorted(m.glob("*.safetensors"))[-1].write_bytes(b"\x01\x00"), "not a valid safetensors file"),
+    (wrong_shape, "do not match config.json"),
+])
+def test_broken_sharded_checkpoint(tmp_path, capsys, sharded, damage, expected):
+    model = tmp_path / "model"
+    shutil.copytree(sharded, model)
+    damage(model)
+    assert export_cli.main([str(model), "-o", str(tmp_path / "out")]) == 2
+    assert expected in one_error_line(capsys, "dg-export")
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
