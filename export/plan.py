@@ -10,6 +10,15 @@ from .graphs import graph_specs, kv_layout
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 2 / 128, "int4": 0.5 + 2 / 128}  # + group-128 scales
 GB = 1e9
+# Measured here (2 cores; python -m dg_export.benchmark_export): the exporter process with its libraries loaded,
+# memory per byte of what validation holds, and throughputs.
+PROCESS_BYTES = 0.55e9
+FULL_VALIDATION_FACTOR = 3.0
+COMPONENT_FACTOR = 2.5
+STREAM_BYTES_PER_S = 250e6
+FULL_VALIDATION_BYTES_PER_S = 100e6
+BY_LAYER_BYTES_PER_S = 150e6
+COMPONENT_SECONDS = 1.0
 
 
 def count_parameters(config) -> dict:
@@ -30,6 +39,36 @@ def count_parameters(config) -> dict:
     text = config.text_config
     counts["active_per_token"] = counts["total"] - counts["experts"] * (1 - text.top_k_experts / text.num_experts)
     return counts
+
+
+def export_estimate(config, counts: dict) -> dict:
+    """dg-export's peak memory and time for this shape, from the sizes that drive them and the rates and overheads
+    measured here (python -m dg_export.benchmark_export prints the measured figures beside these).
+
+    Streaming holds one chunk (or one 2-D matrix, which is transposed whole) as read, widened and laid out. Full
+    validation holds transformers' fp32 model and both backends' sessions; by-layer validation holds one
+    component's weights once (a layer with a sample of its experts, or a sample of the embedding rows).
+    """
+    from .cli import FULL_VALIDATION_BYTES
+    from .validate import EXPERT_SAMPLE, VOCAB_SAMPLE
+    from .weights import CHUNK_BYTES
+
+    text = config.text_config
+    fp32 = 4 * counts["total"]
+    largest_matrix = max(text.hidden_size * max(text.num_attention_heads * layer["head_dim"], text.intermediate_size)
+                         for layer in kv_layout(text))
+    stream = max(CHUNK_BYTES * 1.5, largest_matrix * 10)  # bf16 read + fp32 + transposed copy
+    sample = min(text.num_experts, max(text.top_k_experts, EXPERT_SAMPLE)) / text.num_experts
+    per_layer_experts = counts["experts"] / text.num_hidden_layers
+    per_layer_rest = (counts["total"] - counts["experts"] - counts["embedding"]) / text.num_hidden_layers
+    component = 4 * max(per_layer_rest + sample * per_layer_experts, min(text.vocab_size, VOCAB_SAMPLE) * text.hidden_size)
+    full = fp32 <= FULL_VALIDATION_BYTES
+    validate = FULL_VALIDATION_FACTOR * fp32 if full else COMPONENT_FACTOR * component
+    seconds = fp32 / STREAM_BYTES_PER_S + (fp32 / FULL_VALIDATION_BYTES_PER_S if full else
+                                           fp32 / BY_LAYER_BYTES_PER_S + COMPONENT_SECONDS * (2 * text.num_hidden_layers + 2))
+    return {"validation": "full" if full else "by-layer", "stream_gb": (PROCESS_BYTES + stream) / GB,
+            "validate_gb": (PROCESS_BYTES + validate) / GB,
+            "peak_gb": (PROCESS_BYTES + max(stream, validate)) / GB, "minutes": seconds / 60, "write_gb": fp32 / GB}
 
 
 def kv_bytes_per_token(config) -> tuple[float, float]:
@@ -75,6 +114,9 @@ def print_plan(config, model_name: str, formats: list[str]) -> None:
           f"for the sliding windows")
     step_flops = 2 * counts["active_per_token"] * canvas
     print(f"  denoiser step: ~{step_flops / 1e12:.2f} TFLOP per canvas of {canvas} (matmuls, excluding attention)")
-    fp32 = counts["total"] * 4
-    print(f"  peak export memory with this exporter: ~{2 * fp32 / GB:.1f} GB (fp32 model + one graph's weights "
-          f"while they are written); formats: {', '.join(formats)}")
+    estimate = export_estimate(config, counts)
+    print(f"  export ({', '.join(formats)}; weights streamed one chunk at a time, {estimate['validation']} "
+          f"validation):")
+    print(f"    peak memory ~{estimate['peak_gb']:.1f} GB (streaming ~{estimate['stream_gb']:.1f} GB, validation "
+          f"~{estimate['validate_gb']:.1f} GB); time ~{estimate['minutes']:.0f} min at the rates measured on a 2-core "
+          f"machine, most of it writing {estimate['write_gb']:.0f} GB of fp32 weights")

@@ -292,7 +292,7 @@ def run_component(model: onnx.ModelProto, backend: str, feeds: dict, outputs: li
             return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(outputs, feeds)
         import openvino as ov
 
-        compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled.create_infer_request().infer(feeds, share_inputs=True)
         return [result[compiled.output(name)] for name in outputs]
     finally:

@@ -1,0 +1,159 @@
+"""Benchmark: dg-export at the published model's depth, with synthetic checkpoints streamed from disk.
+
+    python -m dg_export.benchmark_export [--only real-depth|memory]
+
+real-depth  the published config's 30-layer pattern, 128 experts top-8, head layout and 262,144-token vocabulary
+            with narrow widths: export time (both formats, validated), session creation / compilation per graph,
+            and one denoiser step on each backend.
+memory      two checkpoints of that depth whose bf16 sizes differ about 4x (the larger over 4 GB, sharded): the
+            exporter's peak RSS on each against the plan `--dry-run` prints, and how much of the added bytes the
+            peak grew by.
+
+Checkpoints are written once into the cache folder (~7 GB in all) and reused.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .builtin import cache_dir
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "diffusiongemma-26b-a4b-it" / "config.json"
+NARROW = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 64}
+MEMORY_PAIR = {"small": {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128},
+               "large": {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 320}}
+
+
+def checkpoint(name: str, overrides: dict) -> Path:
+    from .synthetic import standin_config, write_checkpoint
+
+    folder = cache_dir() / f"standin-{name}"
+    if not (folder / "config.json").is_file():
+        print(f"writing the {name} stand-in checkpoint to {folder} ...", file=sys.stderr, flush=True)
+        # A peaked embedding (logits of std ~5), so that token outputs are not decided by float near-ties.
+        write_checkpoint(folder, standin_config(PUBLISHED, overrides), shard_bytes=1 << 30,
+                         embedding_std=5 / overrides["hidden_size"] ** 0.5)
+    return folder
+
+
+def measured_export(folder: Path, out: Path, *args: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one `dg-export` process."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen([sys.executable, "-m", "dg_export.cli", str(folder), "-o", str(out),
+                                    "--overwrite", *args], stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the largest of all children
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"dg-export failed on {folder}:\n{log.read()[-2000:]}")
+    return time.perf_counter() - started, usage.ru_maxrss * 1024 / 1e9
+
+
+def bf16_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def planned(folder: Path) -> dict:
+    from .plan import count_parameters, export_estimate
+    from .source import load_config
+
+    config = load_config(folder)
+    return export_estimate(config, count_parameters(config))
+
+
+def real_depth() -> None:
+    from dg_runtime.artifact import load_manifest
+    from dg_runtime.backends import open_graph
+
+    folder = checkpoint("real-depth", NARROW)
+    out = cache_dir() / "standin-real-depth.dg"
+    seconds, peak = measured_export(folder, out)
+    manifest = load_manifest(out, verify_checksums=False)
+    params = sum(int(np.prod(s)) for s in planned_shapes(folder).values())
+    print(f"\n*real-depth stand-in: {params / 1e6:.0f} M text parameters (30 layers, 128 experts top-8, vocabulary "
+          f"262,144, hidden {NARROW['hidden_size']}), {bf16_bytes(folder) / 1e9:.2f} GB bf16 in shards*\n")
+    print(f"export, both formats, {manifest['validation']['mode']} validation: {seconds:.0f} s, peak RSS {peak:.2f} GB\n")
+    print("| backend | load encoder s | load denoiser s | graph nodes (denoiser) | denoiser step ms |")
+    print("|---|---:|---:|---:|---:|")
+    import onnx
+
+    nodes = len(onnx.load(str(out / "denoiser.onnx"), load_external_data=False).graph.node)
+    for backend in ("onnxruntime", "openvino"):
+        loads = {}
+        for graph in ("encoder", "denoiser"):
+            started = time.perf_counter()
+            session = open_graph(out, manifest, graph, backend, precision="f32")
+            loads[graph] = time.perf_counter() - started
+        print(f"| {backend} | {loads['encoder']:.1f} | {loads['denoiser']:.1f} | {nodes} | "
+              f"{denoiser_step_ms(session, manifest):.0f} |", flush=True)
+        del session
+
+
+def planned_shapes(folder: Path) -> dict:
+    from .source import load_config
+    from .synthetic import text_tensor_shapes
+
+    return text_tensor_shapes(load_config(folder))
+
+
+def denoiser_step_ms(session, manifest: dict, past: int = 64, repeats: int = 5) -> float:
+    model = manifest["model"]
+    canvas, hidden = model["canvas_length"], model["hidden_size"]
+    rng = np.random.default_rng(0)
+    feeds = {"canvas_ids": rng.integers(0, model["vocab_size"], (1, canvas)),
+             "soft_embedding": np.zeros((1, canvas, hidden), np.float32),
+             "position_ids": np.arange(past, past + canvas)[None], "temperature": np.array(0.8, np.float32),
+             "sample_uniform": rng.random((1, canvas), dtype=np.float32)}
+    for i, layer in enumerate(model["kv_layout"]):
+        length = min(past, model["sliding_window"] - 1) if layer["type"] == "sliding_attention" else past
+        for kind in ("key", "value"):
+            feeds[f"past.{i}.{kind}"] = rng.standard_normal((1, layer["kv_heads"], length, layer["head_dim"]),
+                                                            dtype=np.float32)
+    outputs = ["argmax", "sampled", "entropy", "next_soft_embedding"]
+    session.run(outputs, feeds)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(outputs, feeds)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def memory() -> None:
+    rows = []
+    for name, overrides in MEMORY_PAIR.items():
+        folder = checkpoint(f"memory-{name}", overrides)
+        seconds, peak = measured_export(folder, cache_dir() / f"standin-memory-{name}.dg")
+        rows.append((name, bf16_bytes(folder), seconds, peak, planned(folder)))
+    print("\n*dg-export peak RSS on two checkpoints of the published depth (30 layers, 128 experts, vocabulary "
+          "262,144), both formats, default validation*\n")
+    print("| checkpoint | bf16 GB | export s | peak RSS GB | planned GB (validation) | peak / checkpoint |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, size, seconds, peak, plan in rows:
+        print(f"| {name} | {size / 1e9:.2f} | {seconds:.0f} | {peak:.2f} | {plan['peak_gb']:.2f} ({plan['validation']}) "
+              f"| {peak * 1e9 / size:.0%} |")
+    (_, small, _, small_peak, _), (_, large, _, large_peak, _) = rows
+    print(f"\npeak grew by {(large_peak - small_peak) * 1e9 / (large - small):.1%} of the added "
+          f"{(large - small) / 1e9:.2f} GB (checkpoint {large / small:.1f}x larger)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dg_export.benchmark_export")
+    parser.add_argument("--only", choices=["real-depth", "memory"])
+    args = parser.parse_args(argv)
+    if args.only in (None, "real-depth"):
+        real_depth()
+    if args.only in (None, "memory"):
+        memory()
+
+
+if __name__ == "__main__":
+    main()
