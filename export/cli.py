@@ -20,8 +20,6 @@ from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
 
 FORMATS = {"onnx": ["onnx"], "openvino": ["openvino"], "both": ["onnx", "openvino"]}
-# Full validation holds transformers' fp32 model and both backends' sessions: about 3x this.
-FULL_VALIDATION_BYTES = 2e9
 
 
 def parse_args(argv):
@@ -38,8 +36,8 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="print the plan from config.json alone and exit")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--validation", choices=["auto", "full", "by-layer"], default="auto",
-                        help="compare with transformers as a whole model, or one layer at a time (bounded memory); "
-                             f"auto: full up to {FULL_VALIDATION_BYTES / 1e9:.0f} GB of fp32 weights")
+                        help="compare with transformers as a whole model, or one layer at a time in bounded memory "
+                             "(auto: full where it fits in 4 GB, as --dry-run plans)")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with transformers")
     parser.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed in validation (fp32)")
     return parser.parse_args(argv)
@@ -179,9 +177,9 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
         from . import validate
 
         backends = ["onnxruntime" if f == "onnx" else f for f in formats]
-        mode = args.validation
-        if mode == "auto":
-            mode = "full" if 4 * params <= FULL_VALIDATION_BYTES else "by-layer"
+        from .plan import count_parameters, export_estimate
+
+        mode = export_estimate(config, count_parameters(config), args.validation)["validation"]
         with progress.stage(f"validating against transformers ({mode})"):
             if mode == "full":
                 from .source import load_model

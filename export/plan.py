@@ -13,7 +13,9 @@ GB = 1e9
 # Measured here (2 cores; python -m dg_export.benchmark_export): the exporter process with its libraries loaded,
 # memory per byte of what validation holds, and throughputs.
 PROCESS_BYTES = 0.55e9
-FULL_VALIDATION_FACTOR = 3.0
+FULL_VALIDATION_BUDGET = 4e9
+FULL_VALIDATION_FACTOR = 5.5
+VOCAB_TEMPORARIES = 16
 COMPONENT_FACTOR = 2.5
 STREAM_BYTES_PER_S = 250e6
 FULL_VALIDATION_BYTES_PER_S = 100e6
@@ -41,15 +43,15 @@ def count_parameters(config) -> dict:
     return counts
 
 
-def export_estimate(config, counts: dict) -> dict:
+def export_estimate(config, counts: dict, validation: str = "auto") -> dict:
     """dg-export's peak memory and time for this shape, from the sizes that drive them and the rates and overheads
-    measured here (python -m dg_export.benchmark_export prints the measured figures beside these).
+    measured here (python -m dg_export.benchmark_export prints measured peaks beside these).
 
     Streaming holds one chunk (or one 2-D matrix, which is transposed whole) as read, widened and laid out. Full
-    validation holds transformers' fp32 model and both backends' sessions; by-layer validation holds one
-    component's weights once (a layer with a sample of its experts, or a sample of the embedding rows).
+    validation holds transformers' fp32 model (loaded through a state dict), both backends' sessions (with their
+    repacked weights) and a step's vocabulary-sized tensors for a batch of 2; by-layer validation holds one component's weights once (a layer with a sample of its experts,
+    or a sample of the embedding rows). `auto` validates in full when that fits FULL_VALIDATION_BUDGET.
     """
-    from .cli import FULL_VALIDATION_BYTES
     from .validate import EXPERT_SAMPLE, VOCAB_SAMPLE
     from .weights import CHUNK_BYTES
 
@@ -57,16 +59,19 @@ def export_estimate(config, counts: dict) -> dict:
     fp32 = 4 * counts["total"]
     largest_matrix = max(text.hidden_size * max(text.num_attention_heads * layer["head_dim"], text.intermediate_size)
                          for layer in kv_layout(text))
-    stream = max(CHUNK_BYTES * 1.5, largest_matrix * 10)  # bf16 read + fp32 + transposed copy
+    largest_tensor = 4 * max(text.vocab_size * text.hidden_size, counts["experts"] / text.num_hidden_layers / 3 * 2)
+    stream = max(2.5 * min(CHUNK_BYTES, largest_tensor), largest_matrix * 10)  # read, widened, laid out
     sample = min(text.num_experts, max(text.top_k_experts, EXPERT_SAMPLE)) / text.num_experts
     per_layer_experts = counts["experts"] / text.num_hidden_layers
     per_layer_rest = (counts["total"] - counts["experts"] - counts["embedding"]) / text.num_hidden_layers
     component = 4 * max(per_layer_rest + sample * per_layer_experts, min(text.vocab_size, VOCAB_SAMPLE) * text.hidden_size)
-    full = fp32 <= FULL_VALIDATION_BYTES
-    validate = FULL_VALIDATION_FACTOR * fp32 if full else COMPONENT_FACTOR * component
-    seconds = fp32 / STREAM_BYTES_PER_S + (fp32 / FULL_VALIDATION_BYTES_PER_S if full else
+    full = FULL_VALIDATION_FACTOR * fp32 + VOCAB_TEMPORARIES * 2 * config.canvas_length * text.vocab_size * 4
+    if validation == "auto":
+        validation = "full" if PROCESS_BYTES + full <= FULL_VALIDATION_BUDGET else "by-layer"
+    validate = full if validation == "full" else COMPONENT_FACTOR * component
+    seconds = fp32 / STREAM_BYTES_PER_S + (fp32 / FULL_VALIDATION_BYTES_PER_S if validation == "full" else
                                            fp32 / BY_LAYER_BYTES_PER_S + COMPONENT_SECONDS * (2 * text.num_hidden_layers + 2))
-    return {"validation": "full" if full else "by-layer", "stream_gb": (PROCESS_BYTES + stream) / GB,
+    return {"validation": validation, "stream_gb": (PROCESS_BYTES + stream) / GB,
             "validate_gb": (PROCESS_BYTES + validate) / GB,
             "peak_gb": (PROCESS_BYTES + max(stream, validate)) / GB, "minutes": seconds / 60, "write_gb": fp32 / GB}
 

@@ -129,31 +129,42 @@ class ComponentWeights:
         return tensor.transpose(-1, -2) if linear else tensor
 
 
-def read_stored(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+def read_stored(tensor: onnx.TensorProto, folder: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """An initializer's array from the weights file, or rows [start, stop) of its first axis."""
     from .weights import STORED, external_location
 
     dtype = {onnx_type: np_type for np_type, onnx_type in STORED.values()}[tensor.data_type]
     file, offset, length = external_location(tensor)
-    return np.fromfile(Path(folder) / file, dtype=dtype, count=length // np.dtype(dtype).itemsize,
-                       offset=offset).reshape(tensor.dims)
+    dims = list(tensor.dims)
+    if not dims:
+        return np.fromfile(Path(folder) / file, dtype=dtype, count=1, offset=offset).reshape(())
+    row_items = int(np.prod(dims[1:]))
+    stop = dims[0] if stop is None else stop
+    return np.fromfile(Path(folder) / file, dtype=dtype, count=(stop - start) * row_items,
+                       offset=offset + start * row_items * np.dtype(dtype).itemsize).reshape([stop - start, *dims[1:]])
 
 
 def check_weights_file(checkpoint, weights, folder: Path) -> float:
     """The fraction of tensors the weights file does not hold exactly as the checkpoint does (at the stored
-    precision), compared chunk by chunk."""
+    precision), compared a chunk of rows at a time (a 2-D matrix stored transposed, whole)."""
+    from .weights import CHUNK_BYTES
+
     mismatched = 0
-    for (source, layout) in weights.locations:
-        stored = read_stored(weights.tensor(source, layout), folder)
-        view = np.swapaxes(stored, -1, -2) if layout == "linear" else stored
-        name = weights.resolve(source)
-        rows = view.shape[0] if view.ndim else 1
-        step = max(1, (64 << 20) // max(1, view[0].nbytes if view.ndim else 1))
+    for source, layout in weights.locations:
+        tensor, name = weights.tensor(source, layout), weights.resolve(source)
+        dims = list(tensor.dims)
+        whole = not dims or (layout == "linear" and len(dims) == 2)
+        rows = 1 if whole else dims[0]
+        step = rows if whole else max(1, CHUNK_BYTES // (4 * int(np.prod(dims[1:]))))
         for start in range(0, rows, step):
-            expected = checkpoint.read(name, start, min(rows, start + step) if view.ndim else None)
-            if not np.array_equal(expected.astype(stored.dtype), view[start:start + step] if view.ndim else view):
+            stop = None if whole else min(rows, start + step)
+            stored = read_stored(tensor, folder, start, stop) if not whole else read_stored(tensor, folder)
+            expected = checkpoint.read(name, start, stop) if dims and not whole else checkpoint.read(name)
+            if layout == "linear":
+                stored = np.swapaxes(stored, -1, -2)
+            if not np.array_equal(expected.astype(stored.dtype), stored):
                 mismatched += 1
                 break
-        del stored, view
     return mismatched / max(1, len(weights.locations))
 
 
