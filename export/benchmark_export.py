@@ -43,18 +43,30 @@ def checkpoint(name: str, overrides: dict) -> Path:
     return folder
 
 
+# The child reports its own VmHWM: rusage's maxrss survives fork and exec, so a child of a large process would
+# report its parent's size.
+REPORT_PEAK = """
+import os, runpy
+try:
+    runpy.run_module("dg_export.cli", run_name="__main__")
+finally:
+    status = open("/proc/self/status").read()
+    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    open(os.environ["DG_PEAK_REPORT"], "w").write(str(peak_kb))
+"""
+
+
 def measured_export(folder: Path, out: Path, *args: str) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one `dg-export` process."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dg_export.cli", str(folder), "-o", str(out),
-                                    "--overwrite", *args], stdout=subprocess.DEVNULL, stderr=log)
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the largest of all children
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
-            log.seek(0)
-            raise SystemExit(f"dg-export failed on {folder}:\n{log.read()[-2000:]}")
-    return time.perf_counter() - started, usage.ru_maxrss * 1024 / 1e9
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "peak"
+        command = [sys.executable, "-c", REPORT_PEAK, str(folder), "-o", str(out), "--overwrite", *args]
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "DG_PEAK_REPORT": str(report)})
+        if result.returncode != 0:
+            raise SystemExit(f"dg-export failed on {folder}:\n{result.stderr[-2000:]}")
+        return time.perf_counter() - started, int(report.read_text()) * 1024 / 1e9
 
 
 def bf16_bytes(folder: Path) -> int:
