@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -20,12 +21,14 @@ from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
 
 FORMATS = {"onnx": ["onnx"], "openvino": ["openvino"], "both": ["onnx", "openvino"]}
+OWNER_FILE = ".dg-export.pid"  # in a staging folder while its export runs
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="dg-export",
         description="Export a DiffusionGemma checkpoint (hub id or local folder) to ONNX and/or OpenVINO.",
+        allow_abbrev=False,
     )
     parser.add_argument("model", nargs="?", default=BUILTIN_ID,
                         help=f"hub id or checkpoint folder (default: {BUILTIN_ID}, the embedded tiny model)")
@@ -39,8 +42,10 @@ def parse_args(argv):
                         help="compare with transformers as a whole model, or one layer at a time in bounded memory "
                              "(auto: full where it fits in 4 GB, as --dry-run plans)")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with transformers")
-    parser.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed in validation (fp32)")
-    return parser.parse_args(argv)
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="allowed |graph - transformers| / (1 + |transformers|) in validation (default 1e-4)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_intermixed_args(argv)
 
 
 class Progress:
@@ -83,10 +88,13 @@ def export(args) -> None:
     check_files(folder)
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(output)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared like any folder
+    (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
         summary = write_artifact(args, folder, raw_config, recipe, formats, staging)
+        (staging / OWNER_FILE).unlink()
         if output.exists():
             old = staging.with_name(staging.name + ".old")
             output.rename(old)
@@ -97,6 +105,22 @@ def export(args) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"\nwrote {output}: {summary}")
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Staging folders of exports to `output` whose process is gone (SIGKILL, power loss) are removed, and said."""
+    for staging in output.parent.glob(f".{output.name}.partial-*"):
+        try:
+            owner = int((staging / OWNER_FILE).read_text())
+            os.kill(owner, 0)
+            continue  # another export to the same output is running
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            if (staging / OWNER_FILE).exists():
+                continue
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"dg-export: removed {staging.name}, left behind by an export that was killed", file=sys.stderr)
 
 
 def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: list[str], staging: Path) -> str:

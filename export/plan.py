@@ -17,10 +17,11 @@ FULL_VALIDATION_BUDGET = 4e9
 FULL_VALIDATION_FACTOR = 5.5
 VOCAB_TEMPORARIES = 16
 COMPONENT_FACTOR = 2.5
+FIXED_SECONDS = 5.0
 STREAM_BYTES_PER_S = 250e6
-FULL_VALIDATION_BYTES_PER_S = 100e6
-BY_LAYER_BYTES_PER_S = 150e6
-COMPONENT_SECONDS = 1.0
+FULL_VALIDATION_BYTES_PER_S = 50e6
+BY_LAYER_BYTES_PER_S = 320e6
+COMPONENT_SECONDS = 0.25
 
 
 def count_parameters(config) -> dict:
@@ -60,7 +61,7 @@ def export_estimate(config, counts: dict, validation: str = "auto") -> dict:
     largest_matrix = max(text.hidden_size * max(text.num_attention_heads * layer["head_dim"], text.intermediate_size)
                          for layer in kv_layout(text))
     largest_tensor = 4 * max(text.vocab_size * text.hidden_size, counts["experts"] / text.num_hidden_layers / 3 * 2)
-    stream = max(2.5 * min(CHUNK_BYTES, largest_tensor), largest_matrix * 10)  # read, widened, laid out
+    stream = max(4 * min(CHUNK_BYTES, largest_tensor), largest_matrix * 10)  # read, widened, laid out, written
     sample = min(text.num_experts, max(text.top_k_experts, EXPERT_SAMPLE)) / text.num_experts
     per_layer_experts = counts["experts"] / text.num_hidden_layers
     per_layer_rest = (counts["total"] - counts["experts"] - counts["embedding"]) / text.num_hidden_layers
@@ -69,7 +70,7 @@ def export_estimate(config, counts: dict, validation: str = "auto") -> dict:
     if validation == "auto":
         validation = "full" if PROCESS_BYTES + full <= FULL_VALIDATION_BUDGET else "by-layer"
     validate = full if validation == "full" else COMPONENT_FACTOR * component
-    seconds = fp32 / STREAM_BYTES_PER_S + (fp32 / FULL_VALIDATION_BYTES_PER_S if validation == "full" else
+    seconds = FIXED_SECONDS + fp32 / STREAM_BYTES_PER_S + (fp32 / FULL_VALIDATION_BYTES_PER_S if validation == "full" else
                                            fp32 / BY_LAYER_BYTES_PER_S + COMPONENT_SECONDS * (2 * text.num_hidden_layers + 2))
     return {"validation": validation, "stream_gb": (PROCESS_BYTES + stream) / GB,
             "validate_gb": (PROCESS_BYTES + validate) / GB,

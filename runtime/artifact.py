@@ -25,7 +25,8 @@ def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Record the size and sha256 of every file in the folder, then write the manifest beside them."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith("."))  # hidden: the exporter's
     manifest["files"] = {
         p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
     }

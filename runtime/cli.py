@@ -4,28 +4,31 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 
 from .backends import BACKENDS
 from .errors import UserError, run_cli
-from .generate import Block, DiffusionGemma, Done, Draft
+from .generate import Block, DiffusionGemma, Done, Draft, check_runtime_options
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="dg-run", description="Run an exported DiffusionGemma artifact.")
+    parser = argparse.ArgumentParser(prog="dg-run", description="Run an exported DiffusionGemma artifact.",
+                                     allow_abbrev=False)
     parser.add_argument("artifact", type=Path, help="artifact folder written by dg-export")
-    parser.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
-    parser.add_argument("--prompt-file", type=Path, help="read the prompt from a UTF-8 file")
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use -p / -f)")
+    parser.add_argument("-p", "--prompt", dest="prompt_option", metavar="PROMPT", help="the prompt")
+    parser.add_argument("-f", "--prompt-file", type=Path, help="read the prompt from a UTF-8 file")
     parser.add_argument("--system", help="system message for the chat template")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     parser.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: onnxruntime if the artifact has "
                         "ONNX graphs, else openvino)")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU or AUTO (default CPU)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the backend's choice)")
+    parser.add_argument("-t", "--threads", type=int, help="CPU threads (default: the backend's choice)")
     parser.add_argument("--precision", choices=["f32", "bf16", "f16"],
                         help="OpenVINO CPU inference precision (default: the artifact's, f32 for fp32 exports)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of all sampling noise (default 0)")
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("-s", "--seed", type=int, default=0, help="seed of all sampling noise (default 0)")
+    parser.add_argument("-n", "--max-new-tokens", type=int)
     parser.add_argument("--steps", dest="max_denoising_steps", type=int, help="max denoising steps per block")
     parser.add_argument("--entropy-bound", type=float)
     parser.add_argument("--t-max", type=float)
@@ -35,10 +38,17 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
     parser.add_argument("--visual", action="store_true", help="redraw the canvas at every denoising step")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
-    return parser.parse_args(argv)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('dg-edge')}")
+    return parser.parse_intermixed_args(argv)  # options and the prompt in any order
 
 
 def read_prompt(args) -> str:
+    given = [name for name, value in (("a prompt argument", args.prompt), ("-p/--prompt", args.prompt_option),
+                                      ("-f/--prompt-file", args.prompt_file)) if value is not None]
+    if len(given) > 1:
+        raise UserError(f"give the prompt once: {' and '.join(given)} were both given")
+    if args.prompt_option is not None:
+        return args.prompt_option
     if args.prompt_file is not None:
         try:
             return args.prompt_file.read_bytes().decode("utf-8")
@@ -48,7 +58,7 @@ def read_prompt(args) -> str:
             raise UserError(f"prompt file {args.prompt_file} is not valid UTF-8 (byte {exc.start}); "
                             "save it as UTF-8") from None
     if args.prompt is None:
-        raise UserError("no prompt: give one as an argument or with --prompt-file")
+        raise UserError("no prompt: give one as an argument, with -p/--prompt or with -f/--prompt-file")
     return args.prompt
 
 
@@ -70,6 +80,7 @@ def run(args) -> int:
     prompt = read_prompt(args)
     if not prompt.strip():
         raise UserError("the prompt is empty; give some text to start from")
+    check_runtime_options(args.backend, args.threads, args.precision, args.seed)
     model = DiffusionGemma(args.artifact, args.backend, args.device, args.threads, args.precision,
                            verify=not args.no_verify)
     settings = model.defaults.with_overrides(

@@ -49,15 +49,42 @@ class Settings:
 
     def with_overrides(self, **overrides) -> "Settings":
         settings = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        if settings.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be at least 1 (got {settings.max_new_tokens})")
-        if settings.max_denoising_steps <= 0:
-            raise UserError(f"max_denoising_steps must be at least 1 (got {settings.max_denoising_steps})")
-        if not 0 <= settings.t_min < settings.t_max:
-            raise UserError(f"temperatures need 0 <= t_min < t_max (got {settings.t_min}, {settings.t_max})")
-        if settings.entropy_bound <= 0:
-            raise UserError(f"entropy_bound must be positive (got {settings.entropy_bound})")
+        settings.check()
         return settings
+
+    def check(self) -> None:
+        """Every setting finite and in range; the CLI and the API share this one check."""
+        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise UserError(f"{name} must be a whole number (got {value!r})")
+        for name in ("entropy_bound", "t_max", "t_min", "confidence_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number (got {value!r})")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.max_denoising_steps <= 0:
+            raise UserError(f"max_denoising_steps must be at least 1 (got {self.max_denoising_steps})")
+        if not 0 <= self.t_min < self.t_max:
+            raise UserError(f"temperatures need 0 <= t_min < t_max (got {self.t_min}, {self.t_max})")
+        if self.entropy_bound <= 0:
+            raise UserError(f"entropy_bound must be positive (got {self.entropy_bound})")
+        if self.stability_threshold < 0:
+            raise UserError(f"stability_threshold must be 0 or more (got {self.stability_threshold})")
+        if self.confidence_threshold < 0:
+            raise UserError(f"confidence_threshold must be 0 or more (got {self.confidence_threshold})")
+
+
+def check_runtime_options(backend: str | None, threads: int | None, precision: str | None, seed: int | None) -> None:
+    """Options that configure the runtime rather than the sampler; shared by the CLI and DiffusionGemma."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads must be at least 1 (got {threads!r}); leave it out for the backend's choice")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise UserError(f"seed must be a whole number of 0 or more (got {seed!r})")
+    if precision is not None and backend == "onnxruntime":
+        raise UserError("--precision sets OpenVINO's inference precision; ONNX Runtime computes in the artifact's "
+                        "precision: drop --precision, or use --backend openvino")
 
 
 @dataclass
@@ -107,6 +134,7 @@ class DiffusionGemma:
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, verify_checksums=verify)
         self.backend = backend or ("onnxruntime" if "onnx" in self.manifest["formats"] else "openvino")
+        check_runtime_options(self.backend, threads, precision, seed=None)
         model = self.manifest["model"]
         self.canvas_length, self.vocab_size = model["canvas_length"], model["vocab_size"]
         self.hidden_size, self.max_positions = model["hidden_size"], model["max_position_embeddings"]
@@ -135,6 +163,9 @@ class DiffusionGemma:
         Yields Draft after every step, Block after every committed block, and Done last.
         """
         settings = settings or self.defaults
+        settings.check()
+        if noise is None:
+            check_runtime_options(self.backend, None, None, seed)
         input_ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         batch = input_ids.shape[0]
         cache = cache if cache is not None else self.new_cache(batch)

@@ -202,3 +202,36 @@ def test_broken_sharded_checkpoint(tmp_path, capsys, sharded, damage, expected):
     assert expected in one_error_line(capsys, "dg-export")
     assert not (tmp_path / "out").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_sigterm_mid_export_leaves_nothing(tmp_path, sharded):
+    """SIGTERM (what `timeout` and service managers send) while weights stream: exit 143, no staging folder."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.dg"
+    process = subprocess.Popen([sys.executable, "-m", "dg_export.cli", str(sharded), "-o", str(out)],
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # wait until the export is under way
+        if "building graphs" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_stale_staging_of_a_killed_export_is_removed(tmp_path, capsys, checkpoint):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".out.partial-killed"
+    stale.mkdir()
+    (stale / export_cli.OWNER_FILE).write_text(dead.stdout.strip())
+    (stale / "weights.bin").write_bytes(b"\0" * 1024)
+    assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out"), "--no-validate"]) == 0
+    assert "removed .out.partial-killed" in capsys.readouterr().err
+    assert leftovers(tmp_path) == []
