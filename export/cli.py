@@ -236,7 +236,8 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
 
 def print_validation(rows: list[dict]) -> None:
     """One line per backend, graph and output; by-layer rows are summarised over layers (the worst one shown)."""
-    print("\nvalidation against transformers (max abs diff; token outputs: fraction differing):", file=sys.stderr)
+    print("\nvalidation against transformers (floats: max |graph - transformers| / (1 + |transformers|); tokens: "
+          "fraction differing):", file=sys.stderr)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["backend"], re.sub(r"\.\d+$", "", r["graph"]), r["output"]), []).append(r)

@@ -64,6 +64,16 @@ def load_model(folder: Path):
     """The transformers model in fp32 eval mode: the oracle the graphs are traced from and validated against."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging
 
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    # transformers' loading bar and load report (which lists the vision tower's tensors of a text-only
+    # checkpoint as missing) are not the user's business here.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
     return model.eval()

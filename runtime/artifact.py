@@ -45,13 +45,16 @@ def load_manifest(folder: Path, verify_checksums: bool = True) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); re-export the artifact") from None
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise UserError(
             f"{path} has format version {version!r}; this runtime reads version {FORMAT_VERSION}: "
             "re-export the artifact with a matching dg-export, or upgrade dg-edge"
         )
-    for name, entry in manifest.get("files", {}).items():
+    problem = schema_problem(manifest, SCHEMA)
+    if problem:
+        raise UserError(f"{path} is not a valid manifest ({problem}); re-export the artifact")
+    for name, entry in manifest["files"].items():
         file = folder / name
         if not file.is_file():
             raise UserError(f"artifact file {file} is missing; re-export the artifact")
@@ -62,3 +65,42 @@ def load_manifest(folder: Path, verify_checksums: bool = True) -> dict:
             raise UserError(f"artifact file {file} does not match its sha256 in the manifest: it is corrupted; "
                             "re-export the artifact")
     return manifest
+
+
+# What the runtime reads from a manifest, by type. A dict maps required keys to their schemas; {str: X} is a
+# mapping of any keys to X; [X] a list of X; a tuple of types the allowed types.
+INT, TEXT = (int,), (str,)
+TENSOR = {"name": TEXT, "dtype": TEXT, "shape": [(int, str)]}
+GRAPH = {"inputs": [TENSOR], "outputs": [TENSOR]}
+SCHEMA = {
+    "format_version": INT,
+    "model": {"canvas_length": INT, "vocab_size": INT, "hidden_size": INT, "layer_types": [TEXT],
+              "sliding_window": INT, "kv_layout": [{"type": TEXT, "kv_heads": INT, "head_dim": INT}],
+              "max_position_embeddings": INT, "eos_token_ids": [INT], "pad_token_id": INT},
+    "openvino": {"inference_precision": TEXT},
+    "graphs": {"encoder": GRAPH, "denoiser": GRAPH},
+    "formats": {str: {"graphs": {"encoder": TEXT, "denoiser": TEXT}, "weights": TEXT}},
+    "files": {str: {"bytes": INT, "sha256": TEXT}},
+}
+
+
+def schema_problem(value, schema, where: str = "manifest") -> str | None:
+    """The first place where `value` does not fit `schema`, or None."""
+    if isinstance(schema, tuple):
+        ok = isinstance(value, schema) and not (isinstance(value, bool) and bool not in schema)
+        return None if ok else f"{where} should be {' or '.join(t.__name__ for t in schema)}, not {type(value).__name__}"
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where} should be a list, not {type(value).__name__}"
+        return next(filter(None, (schema_problem(v, schema[0], f"{where}[{i}]") for i, v in enumerate(value))), None)
+    if not isinstance(value, dict):
+        return f"{where} should be an object, not {type(value).__name__}"
+    if str in schema:
+        return next(filter(None, (schema_problem(v, schema[str], f"{where}.{k}") for k, v in value.items())), None)
+    for key, sub in schema.items():
+        if key not in value:
+            return f"{where}.{key} is missing"
+        problem = schema_problem(value[key], sub, f"{where}.{key}")
+        if problem:
+            return problem
+    return None

@@ -235,3 +235,70 @@ def test_stale_staging_of_a_killed_export_is_removed(tmp_path, capsys, checkpoin
     assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out"), "--no-validate"]) == 0
     assert "removed .out.partial-killed" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("args, expected", [
+    (["--threads", "-3"], "threads must be at least 1"),
+    (["-t", "0"], "threads must be at least 1"),
+    (["--seed", "-1"], "seed must be a whole number of 0 or more"),
+    (["--confidence-threshold", "-1"], "confidence_threshold must be 0 or more"),
+    (["--entropy-bound", "nan"], "entropy_bound must be a finite number"),
+    (["--t-max", "inf"], "t_max must be a finite number"),
+    (["--t-min", "0.9"], "t_min < t_max"),
+    (["--stability-threshold", "-2"], "stability_threshold must be 0 or more"),
+    (["--steps", "0"], "max_denoising_steps must be at least 1"),
+    (["-p", "again"], "give the prompt once"),
+])
+def test_bad_settings_and_options(exported, capsys, backend, args, expected):
+    _, artifact = exported("window8-top2")
+    assert dg_run([str(artifact), "hello", "--backend", backend, *args]) == 2
+    assert expected in one_error_line(capsys, "dg-run")
+
+
+def test_option_for_another_backend_is_refused(exported, capsys):
+    _, artifact = exported("window8-top2")
+    assert dg_run([str(artifact), "hello", "--backend", "onnxruntime", "--precision", "f16"]) == 2
+    assert "use --backend openvino" in one_error_line(capsys, "dg-run")
+
+
+def test_the_api_shares_the_checks(exported):
+    from dg_runtime import DiffusionGemma, Settings, UserError
+
+    _, artifact = exported("window8-top2")
+    with pytest.raises(UserError, match="threads"):
+        DiffusionGemma(artifact, threads=-1)
+    model = DiffusionGemma(artifact)
+    with pytest.raises(UserError, match="entropy_bound"):
+        model.generate([[5, 6]], Settings(entropy_bound=float("nan")))
+    with pytest.raises(UserError, match="seed"):
+        model.generate([[5, 6]], Settings(max_new_tokens=4), seed=-5)
+
+
+def test_prompt_after_options_and_short_flags(exported, capsys):
+    _, artifact = exported("window8-top2")
+    assert dg_run([str(artifact), "--raw", "-n", "4", "-s", "1", "-t", "1", "--json", "the prompt"]) == 0
+    assert dg_run([str(artifact), "-p", "the prompt", "-n", "4"]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # no abbreviations: --prom is neither --prompt nor --prompt-file
+        dg_run([str(artifact), "--prom", "x"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --prom" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda m: m["model"].update(canvas_length="32"), "manifest.model.canvas_length should be int"),
+    (lambda m: m["formats"]["onnx"].pop("weights"), "manifest.formats.onnx.weights is missing"),
+    (lambda m: m["model"].update(kv_layout=[{"type": "sliding_attention"}]), "kv_layout[0].kv_heads is missing"),
+    (lambda m: m.update(files=[]), "manifest.files should be an object"),
+])
+def test_manifest_of_the_wrong_shape(artifact_copy, capsys, change, expected):
+    edit_manifest(artifact_copy, change)
+    assert dg_run([str(artifact_copy), "hello"]) == 2
+    assert expected in one_error_line(capsys, "dg-run")
+
+
+def test_versions(capsys):
+    for main in (dg_run, export_cli.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--version"])
+        assert exit_info.value.code == 0
+    assert capsys.readouterr().out.split() == ["dg-run", "0.1.0", "dg-export", "0.1.0"]
