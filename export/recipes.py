@@ -8,6 +8,7 @@ from pathlib import Path
 from dg_runtime.errors import UserError
 
 DEFAULT_RECIPE = "cpu-fp32"
+STORED_PRECISIONS = ("fp32", "fp16")  # matrices; norms and scales stay fp32
 KEYS = {"description", "formats", "weights", "openvino"}
 
 
@@ -30,8 +31,9 @@ def load_recipe(name_or_path: str) -> dict:
         raise UserError(f"recipe {name_or_path} is not valid JSON ({exc})") from None
     if set(recipe) != KEYS:
         raise UserError(f"recipe {name_or_path} must have exactly the keys {sorted(KEYS)}")
-    if recipe["weights"] != "fp32":
-        raise UserError(f"recipe {name_or_path} asks for {recipe['weights']} weights; this dg-export writes fp32 only")
+    if recipe["weights"] not in STORED_PRECISIONS:
+        raise UserError(f"recipe {name_or_path} asks for {recipe['weights']!r} weights; this dg-export stores "
+                        f"{' or '.join(STORED_PRECISIONS)}")
     if not set(recipe["formats"]) <= {"onnx", "openvino"}:
         raise UserError(f"recipe {name_or_path} lists unknown formats {recipe['formats']}")
     return {"name": name, **recipe}

@@ -97,3 +97,18 @@ def test_validation_by_layer_fails_on_a_wrong_window(sharded, tmp_path, monkeypa
     assert dg_export([str(sharded), "-o", str(tmp_path / "out.dg"), "--validation", "by-layer",
                       "--format", "onnx"]) == 2
     assert "validation failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["full", "by-layer"])
+def test_fp16_weights_recipe(sharded, tmp_path, mode):
+    """Matrices stored in fp16 (half the bytes), validated against transformers with the same fp16 weights."""
+    fp32, fp16 = tmp_path / "fp32.dg", tmp_path / "fp16.dg"
+    assert dg_export([str(sharded), "-o", str(fp32), "--no-validate"]) == 0
+    assert dg_export([str(sharded), "-o", str(fp16), "--recipe", "openvino-fp16", "--validation", mode]) == 0
+    manifest = load_manifest(fp16)
+    assert manifest["precision"] == "fp16" and all(r["ok"] for r in manifest["validation"]["results"])
+    ratio = (fp16 / "weights.bin").stat().st_size / (fp32 / "weights.bin").stat().st_size
+    assert 0.5 <= ratio < 0.55, ratio
+    for backend in ("onnxruntime", "openvino"):
+        done = DiffusionGemma(fp16, backend).generate([[5, 6, 7]], Settings(max_new_tokens=8), seed=0)
+        assert done.tokens.shape == (1, 8)
