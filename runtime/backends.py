@@ -1,5 +1,6 @@
 """One small class per backend with the same `run(output_names, feeds)` call, and the checks that go with it."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +43,16 @@ class OpenVinoGraph:
             config["INFERENCE_NUM_THREADS"] = threads
         model = core.read_model(str(xml), str(weights)) if weights else core.read_model(str(xml))
         self.compiled = core.compile_model(model, device, config)
-        self.request = self.compiled.create_infer_request()
+        self._requests = threading.local()  # an infer request runs one inference at a time: one per thread
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self.request.infer(feeds)
-        return [self.request.get_tensor(name).data.copy() for name in outputs]
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
+        request.infer(feeds)
+        return [request.get_tensor(name).data.copy() for name in outputs]
 
 
 def open_graph(folder: Path, manifest: dict, graph: str, backend: str, device: str = "CPU",
