@@ -21,6 +21,7 @@ from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
 
 FORMATS = {"onnx": ["onnx"], "openvino": ["openvino"], "both": ["onnx", "openvino"]}
+SYNTHETIC_PREFIX = "synthetic:"  # synthetic:CONFIG_FOLDER streams deterministic random weights of that shape
 OWNER_FILE = ".dg-export.pid"  # in a staging folder while its export runs
 
 
@@ -31,7 +32,8 @@ def parse_args(argv):
         allow_abbrev=False,
     )
     parser.add_argument("model", nargs="?", default=BUILTIN_ID,
-                        help=f"hub id or checkpoint folder (default: {BUILTIN_ID}, the embedded tiny model)")
+                        help=f"hub id or checkpoint folder (default: {BUILTIN_ID}, the embedded tiny model); "
+                             f"{SYNTHETIC_PREFIX}FOLDER streams random weights of the shape in FOLDER/config.json")
     parser.add_argument("-o", "--output", type=Path, help="artifact folder to write (default: ./<model name>.dg)")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE,
                         help=f"target preset from recipes/ or a .json path (default {DEFAULT_RECIPE})")
@@ -72,7 +74,13 @@ class Progress:
 
 
 def export(args) -> None:
-    folder = builtin_checkpoint() if args.model == BUILTIN_ID else resolve(args.model, need_weights=not args.dry_run)
+    synthetic = args.model.startswith(SYNTHETIC_PREFIX)
+    if args.model == BUILTIN_ID:
+        folder = builtin_checkpoint()
+    elif synthetic:
+        folder = resolve(args.model.removeprefix(SYNTHETIC_PREFIX), need_weights=False, local_only=True)
+    else:
+        folder = resolve(args.model, need_weights=not args.dry_run)
     raw_config = read_config(folder)
     recipe = load_recipe(args.recipe)
     formats = FORMATS[args.format] if args.format else recipe["formats"]
@@ -85,7 +93,11 @@ def export(args) -> None:
     output = args.output or Path(f"{Path(args.model.replace(':', '-')).name}.dg")
     if output.exists() and not args.overwrite:
         raise UserError(f"output folder {output} exists; pass --overwrite to replace it, or choose another -o")
-    check_files(folder)
+    if synthetic and args.validation == "full":
+        raise UserError("a synthetic checkpoint has no weights for transformers to load, so it cannot be validated "
+                        "in full; use --validation by-layer (the default for it)")
+    if not synthetic:
+        check_files(folder)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output)
@@ -107,18 +119,36 @@ def export(args) -> None:
     print(f"\nwrote {output}: {summary}")
 
 
+def synthetic_checkpoint(config, raw_config: dict):
+    """Deterministic random weights of the config's shape, in its dtype, with a peaked embedding (logits of std ~5)
+    so that token outputs are not decided by float near-ties."""
+    from .synthetic import SyntheticCheckpoint
+
+    dtype = {"float32": "fp32", "float16": "fp16"}.get(str(raw_config.get("dtype", "bfloat16")), "bf16")
+    return SyntheticCheckpoint(config, dtype, seed=0, embedding_std=5 / config.text_config.hidden_size ** 0.5)
+
+
+def exporter_running(pid: int) -> bool:
+    """Whether process `pid` exists and is a dg-export (a pid can be reused by another program)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return not cmdline.exists() or b"dg" in cmdline.read_bytes()
+
+
 def remove_stale_staging(output: Path) -> None:
     """Staging folders of exports to `output` whose process is gone (SIGKILL, power loss) are removed, and said."""
     for staging in output.parent.glob(f".{output.name}.partial-*"):
         try:
             owner = int((staging / OWNER_FILE).read_text())
-            os.kill(owner, 0)
-            continue  # another export to the same output is running
-        except ProcessLookupError:
-            pass
         except (OSError, ValueError):
-            if (staging / OWNER_FILE).exists():
-                continue
+            continue  # not a folder this exporter made, or one being set up right now: leave it
+        if exporter_running(owner):
+            continue  # another export to the same output is under way
         shutil.rmtree(staging, ignore_errors=True)
         print(f"dg-export: removed {staging.name}, left behind by an export that was killed", file=sys.stderr)
 
@@ -132,9 +162,11 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
     from .source import load_config
     from .weights import STORED_BYTES, WEIGHTS_FILE, Weights, expected_shapes, progress_bar
 
+    synthetic = args.model.startswith(SYNTHETIC_PREFIX)
     progress = Progress(4 + ("openvino" in formats) + (not args.no_validate))
     with progress.stage(f"reading {args.model}"):
-        config, checkpoint = load_config(folder), Checkpoint(folder)
+        config = load_config(folder)
+        checkpoint = synthetic_checkpoint(config, raw_config) if synthetic else Checkpoint(folder)
         shapes = expected_shapes(config)
     text = config.text_config
     specs = graph_specs(config)
@@ -162,6 +194,10 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
         for name in ("config.json", *TOKENIZER_FILES, *OPTIONAL_FILES):
             if (folder / name).is_file():
                 shutil.copy2(folder / name, staging / name)
+        if synthetic and not all((staging / name).is_file() for name in TOKENIZER_FILES):
+            from .builtin import write_tokenizer
+
+            write_tokenizer(staging)  # random weights: the demo model's byte-level tokenizer is as good as any
         if not (staging / "generation_config.json").is_file():
             from transformers import GenerationConfig
 
@@ -204,6 +240,7 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
         from .plan import count_parameters, export_estimate
 
         mode = export_estimate(config, count_parameters(config), args.validation)["validation"]
+        mode = "by-layer" if synthetic else mode
         with progress.stage(f"validating against transformers ({mode})"):
             if mode == "full":
                 from .source import load_model

@@ -9,13 +9,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def resolve(model: str, need_weights: bool = True) -> Path:
+def resolve(model: str, need_weights: bool = True, local_only: bool = False) -> Path:
     """A local folder holding the checkpoint; a hub id is downloaded (config, tokenizer, safetensors only)."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{model} is a file; pass the folder that holds config.json and the safetensors")
         return path
+    if local_only:
+        raise UserError(f"folder {model} does not exist; give a folder that holds a DiffusionGemma config.json")
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UserError(f"model folder {model} does not exist (and it is not a hub id like 'google/NAME')")
     try:

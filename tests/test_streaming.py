@@ -81,8 +81,12 @@ def test_validation_by_layer_finds_a_corrupted_tensor(sharded, tmp_path, monkeyp
 
 @pytest.mark.parametrize("mode", ["full", "by-layer"])
 def test_validation_fails_on_a_wrong_graph(sharded, tmp_path, monkeypatch, capsys, mode):
-    """GELU with erf instead of tanh changes the experts and MLPs by ~1e-3: both validations must catch it."""
-    monkeypatch.setattr(builder, "gelu_tanh", lambda g, x: g.op("Gelu", x))
+    """A dense MLP that applies GELU to the up projection instead of the gate: both validations must catch it."""
+    def swapped_mlp(g, x, prefix):
+        up = builder.gelu_tanh(g, g.linear(x, f"{prefix}.up_proj.weight"))
+        return g.linear(g.op("Mul", up, g.linear(x, f"{prefix}.gate_proj.weight")), f"{prefix}.down_proj.weight")
+
+    monkeypatch.setattr(builder, "mlp", swapped_mlp)
     out = tmp_path / "out.dg"
     assert dg_export([str(sharded), "-o", str(out), "--validation", mode, "--format", "onnx"]) == 2
     assert "validation failed" in capsys.readouterr().err
@@ -112,3 +116,21 @@ def test_fp16_weights_recipe(sharded, tmp_path, mode):
     for backend in ("onnxruntime", "openvino"):
         done = DiffusionGemma(fp16, backend).generate([[5, 6, 7]], Settings(max_new_tokens=8), seed=0)
         assert done.tokens.shape == (1, 8)
+
+
+def test_synthetic_source_streams_what_a_written_checkpoint_holds(tmp_path):
+    """`synthetic:FOLDER` generates the tensors chunk by chunk; the same tensors written to shards and exported from
+    disk give a byte-identical weights file."""
+    from dg_export.synthetic import write_config
+
+    overrides, canvas = CONFIGS["window8-top2"]
+    config = tiny_config({**BASE, **overrides, "num_hidden_layers": len(overrides["layer_types"])}, canvas)
+    write_config(tmp_path / "shape", config)
+    assert dg_export([f"synthetic:{tmp_path / 'shape'}", "-o", str(tmp_path / "synthetic.dg")]) == 0
+    manifest = load_manifest(tmp_path / "synthetic.dg")
+    assert manifest["validation"]["mode"] == "by-layer" and all(r["ok"] for r in manifest["validation"]["results"])
+    written = write_checkpoint(tmp_path / "written", config, shard_bytes=16 << 10,
+                               embedding_std=5 / config.text_config.hidden_size ** 0.5)
+    assert dg_export([str(written), "-o", str(tmp_path / "written.dg"), "--format", "onnx", "--no-validate"]) == 0
+    onnx_only = (tmp_path / "written.dg" / "weights.bin").read_bytes()
+    assert (tmp_path / "synthetic.dg" / "weights.bin").read_bytes()[:len(onnx_only)] == onnx_only
