@@ -89,7 +89,10 @@ def real_depth() -> None:
     out = cache_dir() / "standin-real-depth.dg"
     seconds, peak = measured_export(folder, out)
     manifest = load_manifest(out, verify_checksums=False)
-    params = sum(int(np.prod(s)) for s in planned_shapes(folder).values())
+    from .plan import count_parameters
+    from .source import load_config
+
+    params = count_parameters(load_config(folder))["total"]
     print(f"\n*real-depth stand-in: {params / 1e6:.0f} M text parameters (30 layers, 128 experts top-8, vocabulary "
           f"262,144, hidden {NARROW['hidden_size']}), {bf16_bytes(folder) / 1e9:.2f} GB bf16 in shards*\n")
     print(f"export, both formats, {manifest['validation']['mode']} validation: {seconds:.0f} s, peak RSS {peak:.2f} GB\n")
@@ -107,13 +110,6 @@ def real_depth() -> None:
         print(f"| {backend} | {loads['encoder']:.1f} | {loads['denoiser']:.1f} | {nodes} | "
               f"{denoiser_step_ms(session, manifest):.0f} |", flush=True)
         del session
-
-
-def planned_shapes(folder: Path) -> dict:
-    from .source import load_config
-    from .synthetic import text_tensor_shapes
-
-    return text_tensor_shapes(load_config(folder))
 
 
 def denoiser_step_ms(session, manifest: dict, past: int = 64, repeats: int = 5) -> float:

@@ -7,7 +7,6 @@ Nothing here unpickles anything.
 """
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -19,6 +18,18 @@ DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.flo
           "I32": np.int32}
 MAX_HEADER_BYTES = 100 << 20
 INDEX_FILE = "model.safetensors.index.json"
+CHUNK_BYTES = 64 << 20  # tensors stream through memory in pieces of about this many fp32 bytes
+
+
+def row_chunks(shape, whole: bool = False):
+    """(start, stop) ranges of a tensor's first axis holding about CHUNK_BYTES of fp32 each; one (0, None) for a
+    scalar, or when the tensor must be handled whole."""
+    if whole or not shape:
+        yield 0, None
+        return
+    rows = max(1, CHUNK_BYTES // (4 * int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], rows):
+        yield start, min(shape[0], start + rows)
 
 
 def bf16_to_fp32(bits: np.ndarray) -> np.ndarray:
@@ -34,31 +45,18 @@ class Checkpoint:
         self.folder = Path(folder)
         self.entries: dict[str, tuple[Path, dict]] = {}  # name -> (shard, header entry with absolute offsets)
         index = self.folder / INDEX_FILE
-        if index.is_file():
-            shards = self._shards_from_index(index)
-        else:
-            shards = sorted(self.folder.glob("*.safetensors"))
-        for shard in shards:
-            for name, entry in read_header(shard).items():
-                self.entries[name] = (shard, entry)
-        if index.is_file():
-            named = json.loads(index.read_text())["weight_map"]
-            missing = sorted(set(named) - set(self.entries))
-            if missing:
-                raise UserError(f"{index.name} names {len(missing)} tensor(s) that no shard holds, first "
-                                f"{missing[0]!r}: the checkpoint is incomplete; download it again")
-
-    def _shards_from_index(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"{index} is not a safetensors index ({type(exc).__name__}); download it again") from None
-        shards = sorted({self.folder / shard for shard in weight_map.values()})
+        weight_map = read_index(index) if index.is_file() else {}
+        shards = sorted({self.folder / shard for shard in weight_map.values()}) or sorted(self.folder.glob("*.safetensors"))
         for shard in shards:
             if not shard.is_file():
                 raise UserError(f"shard {shard.name} named by {index.name} is missing from {self.folder}; "
                                 "download the checkpoint again")
-        return shards
+            for name, entry in read_header(shard).items():
+                self.entries[name] = (shard, entry)
+        missing = sorted(set(weight_map) - set(self.entries))
+        if missing:
+            raise UserError(f"{index.name} names {len(missing)} tensor(s) that no shard holds, first "
+                            f"{missing[0]!r}: the checkpoint is incomplete; download it again")
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -68,10 +66,6 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
-
-    def nbytes(self, name: str) -> int:
-        start, end = self.entries[name][1]["data_offsets"]
-        return end - start
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """One tensor, or rows [start, stop) of its first axis, as float32 (bf16 and fp16 are widened exactly)."""
@@ -92,6 +86,17 @@ class Checkpoint:
         if entry["dtype"] == "BF16":
             return bf16_to_fp32(array)
         return array.astype(np.float32, copy=False)
+
+
+def read_index(index: Path) -> dict:
+    """The index's map of tensor name to shard file."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+        return weight_map
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{index} is not a safetensors index ({type(exc).__name__}); download it again") from None
 
 
 def read_header(shard: Path) -> dict:
@@ -127,6 +132,3 @@ def read_header(shard: Path) -> dict:
         entry["data_offsets"] = (base + start, base + end)
     return header
 
-
-def file_bytes(folder: Path) -> int:
-    return sum(os.path.getsize(p) for p in Path(folder).glob("*.safetensors"))

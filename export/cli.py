@@ -160,7 +160,7 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
     from .checkpoint import Checkpoint
     from .graphs import graph_specs, kv_layout
     from .source import load_config
-    from .weights import STORED_BYTES, WEIGHTS_FILE, Weights, expected_shapes, progress_bar
+    from .weights import STORED, WEIGHTS_FILE, Weights, expected_shapes, progress_bar
 
     synthetic = args.model.startswith(SYNTHETIC_PREFIX)
     progress = Progress(4 + ("openvino" in formats) + (not args.no_validate))
@@ -173,7 +173,7 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
 
     params = sum(int(np.prod(checkpoint.shape(n))) for n in checkpoint.names() if n in shapes)
     with progress.stage("building graphs and streaming weights"):
-        bar = progress_bar(params * STORED_BYTES[recipe["weights"]], "weights")
+        bar = progress_bar(params * np.dtype(STORED[recipe["weights"]][0]).itemsize, "weights")
         weights = Weights(staging / WEIGHTS_FILE, checkpoint, recipe["weights"], shapes, bar)
         try:
             weights.check_shapes()

@@ -54,7 +54,7 @@ def export_estimate(config, counts: dict, validation: str = "auto") -> dict:
     or a sample of the embedding rows). `auto` validates in full when that fits FULL_VALIDATION_BUDGET.
     """
     from .validate import EXPERT_SAMPLE, VOCAB_SAMPLE
-    from .weights import CHUNK_BYTES
+    from .checkpoint import CHUNK_BYTES
 
     text = config.text_config
     fp32 = 4 * counts["total"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .builtin import GENERATION_CONFIG, TINY_VISION_CONFIG, write_tokenizer
-from .checkpoint import bf16_to_fp32
+from .checkpoint import bf16_to_fp32, row_chunks
 
 SAFETENSORS_DTYPES = {"bf16": ("BF16", 2), "fp16": ("F16", 2), "fp32": ("F32", 4)}
 ONES = ("norm.weight", "layernorm.weight", "router.scale", "per_expert_scale", "layer_scalar")
@@ -131,10 +131,8 @@ def write_checkpoint(folder: Path, config, dtype: str = "bf16", shard_bytes: int
         with open(folder / file, "wb") as handle:
             handle.write(struct.pack("<Q", len(encoded)) + encoded)
             for name in names:
-                shape = source.shape(name)
-                rows = max(1, (64 << 20) // (4 * int(np.prod(shape[1:])))) if len(shape) > 1 else shape[0]
-                for start in range(0, shape[0], rows):
-                    array = source.read(name, start, min(shape[0], start + rows))
+                for start, stop in row_chunks(source.shape(name)):
+                    array = source.read(name, start, stop)
                     data = fp32_to_bf16(array) if dtype == "bf16" else array.astype(np.float16 if dtype == "fp16" else np.float32)
                     handle.write(memoryview(np.ascontiguousarray(data)).cast("B"))
                     if progress is not None:

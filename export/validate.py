@@ -33,6 +33,19 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.max(np.abs(expected - actual) / (1 + np.abs(expected))))
 
 
+def output_difference(name: str, expected: dict, actual: np.ndarray, temperature, uniform) -> float:
+    """compare(), except that a sampled token is judged against transformers' CDF (samples_outside_interval)."""
+    if name == "sampled":
+        return samples_outside_interval(expected["logits"], temperature, uniform, actual)
+    return compare(expected[name], actual)
+
+
+def mark_ok(rows: list[dict], atol: float) -> list[dict]:
+    for row in rows:
+        row["ok"] = row["diff"] == 0 if row["output"] in INTEGER_OUTPUTS else row["diff"] <= atol
+    return rows
+
+
 def samples_outside_interval(logits: np.ndarray, temperature: np.ndarray, uniform: np.ndarray,
                              sampled: np.ndarray) -> float:
     """The fraction of sampled tokens whose interval of the reference CDF (float64) does not hold the uniform.
@@ -104,13 +117,9 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
         feeds = {"canvas_ids": canvas_ids, "soft_embedding": soft, "position_ids": positions,
                  "temperature": temperature, "sample_uniform": uniform, **kv.feeds()}
         for name, actual in zip(names, denoiser.run(names, feeds)):
-            diff = compare(expected[name], actual)
-            if name == "sampled":
-                diff = samples_outside_interval(expected["logits"], temperature, uniform, actual)
+            diff = output_difference(name, expected, actual, temperature, uniform)
             rows.append({"backend": backend, "graph": "denoiser", "output": name, "diff": diff})
-    for row in rows:
-        row["ok"] = row["diff"] == 0 if row["output"] in INTEGER_OUTPUTS else row["diff"] <= atol
-    return rows
+    return mark_ok(rows, atol)
 
 
 # --- by layer: for checkpoints too large to hold, one layer's reference and graphs at a time ------------------
@@ -154,19 +163,14 @@ def read_stored(tensor: onnx.TensorProto, folder: Path, start: int = 0, stop: in
 def check_weights_file(checkpoint, weights, folder: Path) -> float:
     """The fraction of tensors the weights file does not hold exactly as the checkpoint does (at the stored
     precision), compared a chunk of rows at a time (a 2-D matrix stored transposed, whole)."""
-    from .weights import CHUNK_BYTES
+    from .checkpoint import row_chunks
 
     mismatched = 0
     for source, layout in weights.locations:
         tensor, name = weights.tensor(source, layout), weights.resolve(source)
-        dims = list(tensor.dims)
-        whole = not dims or (layout == "linear" and len(dims) == 2)
-        rows = 1 if whole else dims[0]
-        step = rows if whole else max(1, CHUNK_BYTES // (4 * int(np.prod(dims[1:]))))
-        for start in range(0, rows, step):
-            stop = None if whole else min(rows, start + step)
-            stored = read_stored(tensor, folder, start, stop) if not whole else read_stored(tensor, folder)
-            expected = checkpoint.read(name, start, stop) if dims and not whole else checkpoint.read(name)
+        for start, stop in row_chunks(tuple(tensor.dims), whole=layout == "linear" and len(tensor.dims) == 2):
+            stored = read_stored(tensor, folder, start, stop)
+            expected = checkpoint.read(name, start, stop)
             if layout == "linear":
                 stored = np.swapaxes(stored, -1, -2)
             if not np.array_equal(expected.astype(stored.dtype), stored):
@@ -205,10 +209,7 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
         for backend in backends:
             outputs = run_component(model, backend, {**feeds, **tensors.arrays}, list(expected), Path(folder))
             for output, actual in zip(expected, outputs):
-                diff = compare(expected[output], actual)
-                if output == "sampled":
-                    diff = samples_outside_interval(expected["logits"], feeds["temperature"],
-                                                    feeds["sample_uniform"], actual)
+                diff = output_difference(output, expected, actual, feeds.get("temperature"), feeds.get("sample_uniform"))
                 rows.append({"backend": backend, "graph": name, "output": output, "diff": diff})
         if progress is not None:
             progress.update(1)
@@ -218,12 +219,11 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
     # of the vocabulary; the byte check above covers every tensor.
     sample = min(text.num_experts, max(text.top_k_experts, EXPERT_SAMPLE))
     vocab = (0, min(text.vocab_size, VOCAB_SAMPLE))
-    text.vocab_size = vocab[1]
+    text.vocab_size, text.num_experts = vocab[1], sample  # transformers' modules are built for the samples
     past_lengths = {"sliding_attention": text.sliding_window - 1, "full_attention": text.sliding_window + 3}
     for i, layer_type in enumerate(text.layer_types):
         first = i * sample % full_shape.num_experts if full_shape.num_experts % sample == 0 else 0
         shape = full_shape.sample(experts=(first, first + sample), vocab=vocab)
-        text.num_experts = sample
         layout = shape.layout[i]
         past = past_lengths[layer_type]
         hidden = rng.standard_normal((batch, new_tokens, text.hidden_size)).astype(np.float32)
@@ -274,9 +274,7 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
         g.add_output(outputs[entry["name"]], entry)
     check("head", g, {"hidden_states": hidden, "temperature": temperature, "sample_uniform": uniform},
           lambda tensor: reference_head(hf, text, tensor, shape.lm_head, hidden, temperature, uniform))
-    for row in rows:
-        row["ok"] = row["diff"] == 0 if row["output"] in INTEGER_OUTPUTS else row["diff"] <= atol
-    return rows
+    return mark_ok(rows, atol)
 
 
 def component_count(config) -> int:

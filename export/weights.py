@@ -7,15 +7,14 @@ at the same bytes: a tensor the encoder and the denoiser share is written once.
 
 import sys
 from pathlib import Path
-
 import numpy as np
 from onnx import TensorProto
 
+from .checkpoint import row_chunks
+
 ALIGNMENT = 64  # bytes; lets a runtime map tensors straight from the file
-CHUNK_BYTES = 64 << 20  # tensors stream through memory in pieces of about this many fp32 bytes
 WEIGHTS_FILE = "weights.bin"
 STORED = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
-STORED_BYTES = {"fp32": 4, "fp16": 2}
 # Tensors transformers ties to others; a checkpoint stores one name of each pair.
 ALIASES = (("model.encoder.language_model.", "model.decoder."),)
 
@@ -23,12 +22,11 @@ ALIASES = (("model.encoder.language_model.", "model.decoder."),)
 class Weights:
     def __init__(self, path: Path, checkpoint, precision: str = "fp32", expected_shapes: dict | None = None,
                  progress=None):
-        self.path, self.checkpoint, self.precision = Path(path), checkpoint, precision
+        self.checkpoint, self.precision = checkpoint, precision
         self.expected_shapes = expected_shapes or {}
         self.progress = progress
         self.locations: dict[tuple[str, str], tuple[str, int, int, np.dtype, tuple]] = {}
-        self.file = open(self.path, "wb")
-        self.written = 0
+        self.file = open(path, "wb")
 
     def close(self):
         self.file.close()
@@ -78,13 +76,10 @@ class Weights:
         stored = self.resolve(source)
         shape = self.checkpoint.shape(stored)
         np_dtype, onnx_dtype = STORED[self.precision] if len(shape) > 1 else STORED["fp32"]
-        whole = layout == "linear" and len(shape) == 2
-        row_bytes = 4 * int(np.prod(shape[1:])) if len(shape) > 1 else 4
-        rows = shape[0] if whole or not shape else max(1, CHUNK_BYTES // row_bytes)
         self.file.write(b"\0" * (-self.file.tell() % ALIGNMENT))
         offset = self.file.tell()
-        for start in range(0, shape[0] if shape else 1, rows):
-            chunk = self.checkpoint.read(stored, start, min(start + rows, shape[0]) if shape else None)
+        for start, stop in row_chunks(shape, whole=layout == "linear" and len(shape) == 2):
+            chunk = self.checkpoint.read(stored, start, stop)
             if layout == "linear":
                 chunk = np.swapaxes(chunk, -1, -2)
             data = np.ascontiguousarray(chunk, dtype=np_dtype)
