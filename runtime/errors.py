@@ -11,8 +11,11 @@ class UserError(Exception):
     """Bad input that the user can fix; its message names the problem and what to do."""
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C (so that partial output is removed), exit 128 + signal."""
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C (so that partial output is removed), exit 128 + signal.
+
+    A BaseException, like KeyboardInterrupt, so that libraries' `except Exception` do not swallow it (tqdm's
+    constructor did, and the export went on)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
