@@ -19,17 +19,53 @@ import onnx
 from onnx import TensorProto, helper
 
 from .graphs import graph_specs
+from .weights import head_block
 
 OPSET = 21
 FLOAT_MIN = float(np.finfo(np.float32).min)
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+CONTRIB = "com.microsoft"  # ONNX Runtime's quantized kernels
+
+
+def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None) -> str:
+    """x @ W.T with W stored int8 ([in, out], a scale per output channel) or int4 ([out, in/group, group/2]).
+
+    ONNX Runtime: DynamicQuantizeMatMul (int8 activations x int8 weights: AMX/VNNI) and MatMulNBits (int8 compute,
+    accuracy level 4). OpenVINO: the compressed-weight pattern its plugins run without widening the weights
+    (Convert -> [Subtract zero point] -> Multiply scale -> MatMul).
+    """
+    shape = g.weights.checkpoint.shape(g.weights.resolve(source))
+    out, columns = shape[-2], shape[-1]
+    if scheme.format == "int8":
+        parts = g.stored(source, index=index)
+        if g.target == "onnx":
+            return g.op("DynamicQuantizeMatMul", x, parts["weight"], parts["scale"], domain=CONTRIB)
+        return g.op("MatMul", x, g.op("Mul", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), parts["scale"]))
+    blocks = columns // scheme.group
+    if g.target == "onnx":
+        parts = g.stored(source, index=index, scale=(TensorProto.FLOAT, [out * blocks]),
+                         **({"zero": (TensorProto.FLOAT, [out * blocks])} if not scheme.sym else {}))
+        inputs = [parts["weight"], parts["scale"]] + ([parts["zero"]] if "zero" in parts else [])
+        return g.op("MatMulNBits", x, *inputs, domain=CONTRIB, K=columns, N=out, bits=4, block_size=scheme.group,
+                    accuracy_level=4)
+    side = (TensorProto.FLOAT, [out, blocks, 1])
+    parts = g.stored(source, index=index, weight=(TensorProto.UINT4, [out, blocks, scheme.group]), scale=side,
+                     **({"zero": side} if not scheme.sym else {}))
+    values = g.op("Sub", g.op("Cast", parts["weight"], to=TensorProto.FLOAT),
+                  parts["zero"] if "zero" in parts else g.const(8.0, np.float32))
+    weight = g.op("Reshape", g.op("Mul", values, parts["scale"]), g.const([out, columns]))
+    return g.op("MatMul", x, g.op("Transpose", weight, perm=[1, 0]))
 
 
 class Graph:
-    """Nodes, named after the module that owns them, and constants; checkpoint tensors come from `weights`."""
+    """Nodes, named after the module that owns them, and constants; checkpoint tensors come from `weights`.
 
-    def __init__(self, name: str, weights):
-        self.name, self.weights = name, weights
+    `target` is the backend the graph is for: quantized weights are read by ONNX Runtime's contrib kernels
+    ("onnx") or by OpenVINO's compressed-weight pattern in standard ops ("openvino"); float graphs are the same.
+    """
+
+    def __init__(self, name: str, weights, target: str = "onnx"):
+        self.name, self.weights, self.target = name, weights, target
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
         self._scope, self._count, self._constants, self._weights = [], {}, {}, {}
 
@@ -75,8 +111,30 @@ class Graph:
             self._weights[key] = name
         return self._weights[key]
 
-    def linear(self, x: str, source: str) -> str:
-        return self.op("MatMul", x, self.weight(source, "linear"))
+    def stored(self, source: str, layout: str = "linear", rows=None, index=None, **views) -> dict[str, str]:
+        """The stored parts of a quantized tensor as initializers; `views` re-declares a part's type and dims over
+        the same bytes ({"weight": (TensorProto.UINT4, dims)}: OpenVINO reads packed int4 as u4)."""
+        names = {}
+        for part, tensor in self.weights.parts(source, layout, rows, index).items():
+            if part in views:
+                tensor.data_type, dims = views[part]
+                del tensor.dims[:]
+                tensor.dims.extend(dims)
+                tensor.name += f".{TensorProto.DataType.Name(tensor.data_type).lower()}"
+            if tensor.name not in self._weights:
+                self.initializers.append(tensor)
+                self._weights[tensor.name] = tensor.name
+            names[part] = tensor.name
+        return names
+
+    def linear(self, x: str, source: str, index: int | None = None) -> str:
+        """x @ W.T for a checkpoint matrix W [out, in] (or expert `index` of a 3-D one), at its stored precision."""
+        scheme = self.weights.scheme(source)
+        if not scheme.quantized:
+            if index is None:
+                return self.op("MatMul", x, self.weight(source, "linear"))
+            raise ValueError("float experts are batched, not split")
+        return quantized_matmul(self, x, source, scheme, index)
 
     def add_input(self, entry: dict):
         self.inputs.append(helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], entry["shape"]))
@@ -87,8 +145,13 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], entry["shape"]))
 
     def model(self) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dg-export")
+        used = {name for node in self.nodes for name in node.input}  # a quantized tensor's parts serve several uses
+        initializers = [t for t in self.initializers if t.name in used]
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == CONTRIB for node in self.nodes):
+            opsets.append(helper.make_opsetid(CONTRIB, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="dg-export")
         model.ir_version = 10
         return model
 
@@ -108,8 +171,15 @@ def gelu_tanh(g: Graph, x: str) -> str:
 
 def embed_tokens(g: Graph, ids: str, c: "ModelShape") -> str:
     """DiffusionGemmaTextScaledWordEmbedding: rows of the (tied) embedding times sqrt(hidden)."""
+    source = f"{c.embed_prefix}.embed_tokens.weight"
     with g.scope("embed_tokens"):
-        rows = g.op("Gather", g.weight(f"{c.embed_prefix}.embed_tokens.weight", rows=c.vocab_rows), ids, axis=0)
+        if not g.weights.scheme(source).quantized:
+            rows = g.op("Gather", g.weight(source, rows=c.vocab_rows), ids, axis=0)
+        else:  # uint8 rows (q + 128) and a scale per row
+            parts = g.stored(source, "as_is", c.vocab_rows)
+            values = g.op("Sub", g.op("Cast", g.op("Gather", parts["weight"], ids, axis=0), to=TensorProto.FLOAT),
+                          g.const(128.0, np.float32))
+            rows = g.op("Mul", values, g.op("Unsqueeze", g.op("Gather", parts["scale"], ids, axis=0), g.const([-1])))
         return g.op("Mul", rows, g.const(c.hidden**0.5, np.float32))
 
 
@@ -217,14 +287,24 @@ def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, 
                      value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
         dispatched = g.op("ScatterND", empty, where, g.op("Gather", flat, pair_token, axis=0))  # [E, C, H]
 
-        gate_up = g.op("MatMul", dispatched, g.weight(f"{prefix}.gate_up_proj", "linear", c.expert_rows))  # [E, C, 2W]
+        gate_up = expert_matmul(g, dispatched, f"{prefix}.gate_up_proj", c)  # [E, C, 2W]
         gate, up = g.op("Split", gate_up, g.const([width, width]), axis=-1, outputs=2)
-        out = g.op("MatMul", g.op("Mul", gelu_tanh(g, gate), up),
-                   g.weight(f"{prefix}.down_proj", "linear", c.expert_rows))
+        out = expert_matmul(g, g.op("Mul", gelu_tanh(g, gate), up), f"{prefix}.down_proj", c)
 
         per_pair = g.op("Mul", g.op("GatherND", out, where), g.op("Reshape", top_weights, g.const([-1, 1])))
         return g.op("ReduceSum", g.op("Reshape", per_pair, g.op("Concat", g.const([-1, top_k]), hidden, axis=0)),
                     g.const([1]), keepdims=0)
+
+
+def expert_matmul(g: Graph, x: str, source: str, c: "ModelShape") -> str:
+    """[E, C, in] @ each expert's W.T: one batched MatMul for float weights; quantized kernels are 2-D, so the
+    dispatch buffer is split into one quantized MatMul per expert (2 x E nodes a layer)."""
+    if not g.weights.scheme(source).quantized:
+        return g.op("MatMul", x, g.weight(source, "linear", c.expert_rows))
+    first = c.expert_rows[0] if c.expert_rows else 0
+    pieces = g.op("Split", x, axis=0, num_outputs=c.num_experts, outputs=c.num_experts)
+    pieces = [pieces] if c.num_experts == 1 else pieces
+    return g.op("Concat", *(g.linear(piece, source, first + e) for e, piece in enumerate(pieces)), axis=0)
 
 
 def text_layer(g: Graph, x: str, i: int, c: "ModelShape", rope, past_key: str, past_value: str,
@@ -300,8 +380,8 @@ def rotary_frequencies(text_config) -> dict[str, np.ndarray]:
     return frequencies
 
 
-def build_encoder(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
-    g = Graph("encoder", weights)
+def build_encoder(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onnx.ModelProto:
+    g = Graph("encoder", weights, target)
     input_ids, position_ids = g.add_input(spec["inputs"][0]), g.add_input(spec["inputs"][1])
     past = [g.add_input(e) for e in spec["inputs"][2:]]
     x = embed_tokens(g, input_ids, c)
@@ -319,8 +399,8 @@ def build_encoder(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
     return g.model()
 
 
-def build_denoiser(c: ModelShape, spec: dict, weights) -> onnx.ModelProto:
-    g = Graph("denoiser", weights)
+def build_denoiser(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onnx.ModelProto:
+    g = Graph("denoiser", weights, target)
     canvas_ids, soft_embedding, position_ids, temperature, uniform = (g.add_input(e) for e in spec["inputs"][:5])
     past = [g.add_input(e) for e in spec["inputs"][5:]]
     x = canvas_embedding(g, canvas_ids, soft_embedding, c)
@@ -346,17 +426,58 @@ def canvas_embedding(g: Graph, canvas_ids: str, soft_embedding: str, c: ModelSha
 def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShape) -> dict[str, str]:
     """Final norm, the tied lm_head with its softcap, and the sampling head: the denoiser's outputs by name."""
     x = rms_norm(g, x, "model.decoder.norm.weight", c.eps)
-    embedding = g.weight(f"{c.embed_prefix}.embed_tokens.weight", rows=c.vocab_rows)
-    with g.scope("lm_head"):  # usually tied to the embedding: Gemm reads it transposed, so it is stored once
+    with g.scope("lm_head"):  # usually tied to the embedding: read transposed, so it is stored once
         flat = g.op("Reshape", x, g.const([-1, c.hidden]))
-        logits = g.op("Reshape", g.op("Gemm", flat, g.weight(c.lm_head, rows=c.vocab_rows), transB=1),
+        logits = g.op("Reshape", lm_head(g, flat, c),
                       g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([c.vocab]), axis=0))
         softcap = g.const(c.softcap, np.float32)
         logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, softcap)), softcap)
-    return {**sampling_head(g, logits, temperature, uniform, embedding, c), "logits": logits}
+    return {**sampling_head(g, logits, temperature, uniform, c), "logits": logits}
 
 
-def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, embedding: str, c: ModelShape) -> dict:
+def lm_head(g: Graph, flat: str, c: ModelShape) -> str:
+    """[N, hidden] -> [N, vocab] logits; an int8 head is the embedding's uint8 rows read by MatMulNBits (8 bits,
+    zero point 128) on ONNX Runtime, by a compressed MatMul on OpenVINO."""
+    scheme = g.weights.scheme(c.lm_head)
+    if not scheme.quantized:
+        return g.op("Gemm", flat, g.weight(c.lm_head, rows=c.vocab_rows), transB=1)
+    if scheme.format != "int8":
+        raise ValueError("the embedding is stored as int8 or a float")
+    block = head_block(c.hidden)
+    if g.target == "onnx":
+        blocks = c.hidden // block
+        parts = g.stored(c.lm_head, "as_is", c.vocab_rows, weight=(TensorProto.UINT8, [c.vocab, blocks, block]),
+                         block_scale=(TensorProto.FLOAT, [c.vocab * blocks]))
+        return g.op("MatMulNBits", flat, parts["weight"], parts["block_scale"], domain=CONTRIB, K=c.hidden, N=c.vocab,
+                    bits=8, block_size=block, accuracy_level=4)
+    return g.op("MatMul", flat, g.op("Transpose", dequantized_embedding(g, c), perm=[1, 0]))
+
+
+def dequantized_embedding(g: Graph, c: ModelShape) -> str:
+    """OpenVINO's form of the uint8 embedding: (q - 128) * row scale, folded by its plugin into the MatMul."""
+    parts = g.stored(c.lm_head, "as_is", c.vocab_rows, scale=(TensorProto.FLOAT, [c.vocab, 1]))
+    values = g.op("Sub", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), g.const(128.0, np.float32))
+    return g.op("Mul", values, parts["scale"])
+
+
+def soft_embedding(g: Graph, probs: str, c: ModelShape) -> str:
+    """probs @ embedding * sqrt(hidden). An int8 embedding's row scales fold into probs, so ONNX Runtime's int8
+    kernel reads the uint8 rows as a [vocab, hidden] matrix with one scale."""
+    source = f"{c.embed_prefix}.embed_tokens.weight"
+    scheme = g.weights.scheme(source)
+    if not scheme.quantized:
+        product = g.op("MatMul", probs, g.weight(source, rows=c.vocab_rows))
+    elif g.target == "onnx":
+        parts = g.stored(source, "as_is", c.vocab_rows)
+        product = g.op("DynamicQuantizeMatMul", g.op("Mul", probs, parts["scale"]), parts["weight"],
+                       g.const(np.ones(c.hidden), np.float32), g.const(np.full(c.hidden, 128), np.uint8),
+                       domain=CONTRIB)
+    else:
+        product = g.op("MatMul", probs, dequantized_embedding(g, c))
+    return g.op("Mul", product, g.const(c.hidden**0.5, np.float32))
+
+
+def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, c: ModelShape) -> dict:
     """The vocabulary-sized work of a step, kept in the graph: tempering, softmax, entropy, argmax, an
     inverse-CDF sample with the supplied uniform, and the next step's soft embedding (probs @ embedding * sqrt(H))."""
     with g.scope("sampling_head"):
@@ -371,11 +492,12 @@ def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, embeddi
         below = g.op("LessOrEqual", g.op("CumSum", probs, g.const(-1)), g.op("Unsqueeze", uniform, g.const([-1])))
         count = g.op("ReduceSum", g.op("Cast", below, to=TensorProto.FLOAT), g.const([-1]), keepdims=0)
         sampled = g.op("Min", g.op("Cast", count, to=TensorProto.INT64), g.const(c.vocab - 1))
-        soft = g.op("Mul", g.op("MatMul", probs, embedding), g.const(c.hidden**0.5, np.float32))
+        soft = soft_embedding(g, probs, c)
         return {"argmax": argmax, "sampled": sampled, "entropy": entropy, "next_soft_embedding": soft}
 
 
-def build_graphs(config, weights) -> dict[str, onnx.ModelProto]:
+def build_graphs(config, weights, target: str = "onnx") -> dict[str, onnx.ModelProto]:
+    """The encoder and denoiser for one target ("onnx" or "openvino": they differ only in quantized weights)."""
     shape, specs = ModelShape(config), graph_specs(config)
-    return {"encoder": build_encoder(shape, specs["encoder"], weights),
-            "denoiser": build_denoiser(shape, specs["denoiser"], weights)}
+    return {"encoder": build_encoder(shape, specs["encoder"], weights, target),
+            "denoiser": build_denoiser(shape, specs["denoiser"], weights, target)}

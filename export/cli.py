@@ -16,6 +16,9 @@ from dg_runtime.artifact import FORMAT_VERSION, GRAPH_NAMES, write_manifest
 from dg_runtime.errors import UserError, run_cli
 
 from . import __version__
+from dg_quantize.roles import DEFAULT_GROUP, Precision
+from dg_quantize.schemes import FORMATS as FORMATS_BY_NAME
+
 from .builtin import BUILTIN_ID, builtin_checkpoint
 from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
@@ -38,6 +41,14 @@ def parse_args(argv):
     parser.add_argument("--recipe", default=DEFAULT_RECIPE,
                         help=f"target preset from recipes/ or a .json path (default {DEFAULT_RECIPE})")
     parser.add_argument("--format", choices=sorted(FORMATS), help="graph formats (default: the recipe's)")
+    quant = parser.add_argument_group("weights (override the recipe's)")
+    quant.add_argument("--weight-format", choices=FORMATS_BY_NAME,
+                       help="fp32/fp16 for every matrix; int8: int8 matrices (router fp32); int4: int4 attention, "
+                            "MLPs and experts, int8 embedding/LM head, fp32 router")
+    quant.add_argument("--group-size", type=int, help=f"int4 group size, a power of two >= 16 (default "
+                                                      f"{DEFAULT_GROUP}; narrowed per tensor to divide its width)")
+    quant.add_argument("--sym", action="store_true", default=None,
+                       help="symmetric int4 (no zero points; what NPUs ask for); default asymmetric")
     parser.add_argument("--dry-run", action="store_true", help="print the plan from config.json alone and exit")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--validation", choices=["auto", "full", "by-layer"], default="auto",
@@ -84,6 +95,7 @@ def export(args) -> None:
     raw_config = read_config(folder)
     recipe = load_recipe(args.recipe)
     formats = FORMATS[args.format] if args.format else recipe["formats"]
+    precision = Precision(recipe["weights"], args.weight_format, args.group_size, args.sym, where="--weight-format")
     if args.dry_run:
         from .plan import print_plan
         from .source import load_config
@@ -105,7 +117,7 @@ def export(args) -> None:
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared like any folder
     (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
-        summary = write_artifact(args, folder, raw_config, recipe, formats, staging)
+        summary = write_artifact(args, folder, raw_config, recipe, precision, formats, staging)
         (staging / OWNER_FILE).unlink()
         if output.exists():
             old = staging.with_name(staging.name + ".old")
@@ -153,14 +165,15 @@ def remove_stale_staging(output: Path) -> None:
         print(f"dg-export: removed {staging.name}, left behind by an export that was killed", file=sys.stderr)
 
 
-def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: list[str], staging: Path) -> str:
+def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, precision: Precision, formats: list[str],
+                   staging: Path) -> str:
     import onnx
 
     from .builder import build_graphs
     from .checkpoint import Checkpoint
     from .graphs import graph_specs, kv_layout
     from .source import load_config
-    from .weights import STORED, WEIGHTS_FILE, Weights, expected_shapes, progress_bar
+    from .weights import WEIGHTS_FILE, Weights, expected_shapes, progress_bar
 
     synthetic = args.model.startswith(SYNTHETIC_PREFIX)
     progress = Progress(4 + ("openvino" in formats) + (not args.no_validate))
@@ -172,12 +185,15 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
     specs = graph_specs(config)
 
     params = sum(int(np.prod(checkpoint.shape(n))) for n in checkpoint.names() if n in shapes)
-    with progress.stage("building graphs and streaming weights"):
-        bar = progress_bar(params * np.dtype(STORED[recipe["weights"]][0]).itemsize, "weights")
-        weights = Weights(staging / WEIGHTS_FILE, checkpoint, recipe["weights"], shapes, bar)
+    quantizing = f", quantizing to {precision.label()}" if precision.quantized else ""
+    with progress.stage(f"building graphs and streaming weights{quantizing}"):
+        bar = progress_bar(params * 4, "weights read")
+        weights = Weights(staging / WEIGHTS_FILE, checkpoint, precision, shapes, bar)
         try:
             weights.check_shapes()
             graphs = build_graphs(config, weights)
+            # Quantized weights are read by different kernels on OpenVINO: same bytes, its own graphs.
+            openvino_sources = build_graphs(config, weights, "openvino") if precision.quantized else graphs
         finally:
             weights.close()
             bar.close()
@@ -187,7 +203,7 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
         from . import openvino_graphs
 
         with progress.stage("converting graphs to OpenVINO IR"):
-            for graph, model in graphs.items():
+            for graph, model in openvino_sources.items():
                 openvino_graphs.convert(model, staging / f"{graph}.xml", staging / WEIGHTS_FILE)
 
     with progress.stage("copying config and tokenizer"):
@@ -223,7 +239,9 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, formats: 
             "pad_token_id": generation.get("pad_token_id", text.pad_token_id),
         },
         "recipe": recipe["name"],
-        "precision": recipe["weights"],
+        "precision": precision.label(),
+        "weights": {"roles": precision.summary(), "stored_bytes": weights.stored_bytes(),
+                    "tensors": {source: scheme.record() for source, scheme in sorted(weights.schemes.items())}},
         "openvino": recipe["openvino"],
         "graphs": specs,
         "formats": {},

@@ -16,7 +16,8 @@ import openvino as ov
 
 from .weights import ALIGNMENT, external_location, weights_as_inputs
 
-NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+OV_TYPES = {onnx.TensorProto.FLOAT: ov.Type.f32, onnx.TensorProto.FLOAT16: ov.Type.f16,
+            onnx.TensorProto.INT8: ov.Type.i8, onnx.TensorProto.UINT8: ov.Type.u8, onnx.TensorProto.UINT4: ov.Type.u4}
 
 
 def convert(model: onnx.ModelProto, xml_path: Path, weights_path: Path) -> None:
@@ -29,16 +30,15 @@ def convert(model: onnx.ModelProto, xml_path: Path, weights_path: Path) -> None:
     finally:
         twin_path.unlink()
 
-    largest = max(int(np.prod(t.dims)) * np.dtype(NUMPY_TYPES[t.data_type]).itemsize for t in external.values())
+    largest = max(external_location(t)[2] for t in external.values())
     zeros = np.zeros(largest, dtype=np.uint8)  # calloc'd: reading it maps the shared zero page, costing nothing
     for parameter in list(ov_model.get_parameters()):
         tensor = external.get(parameter.get_friendly_name())
         if tensor is None:
             continue
-        dtype = NUMPY_TYPES[tensor.data_type]
-        count = int(np.prod(tensor.dims))
-        view = zeros[: count * np.dtype(dtype).itemsize].view(dtype).reshape(tensor.dims)
-        constant = ov.op.Constant(ov.Tensor(view, shared_memory=True), shared_memory=True)
+        view = zeros[: external_location(tensor)[2]]
+        constant = ov.op.Constant(ov.Tensor(view, ov.Shape(list(tensor.dims)), OV_TYPES[tensor.data_type]),
+                                  shared_memory=True)
         constant.set_friendly_name(tensor.name)
         parameter.output(0).replace(constant.output(0))
         ov_model.remove_parameter(parameter)
@@ -78,14 +78,15 @@ def point_at_weights(xml_path: Path, external: dict, weights_path: Path) -> None
 
 
 def mark_decompression(net: ET.Element, weight_ids: set[str]) -> None:
-    """Mark the Converts that widen stored fp16 weights as decompression, as OpenVINO's own fp16 compression does:
-    its plugins then keep those weights in fp16 and widen them as they compute, instead of folding an fp32 copy."""
+    """Mark the Converts that widen stored fp16 or integer weights as decompression, as OpenVINO's own
+    compression does: its plugins then keep those weights narrow and widen them as they compute, instead of
+    folding an fp32 copy."""
     layers = {layer.get("id"): layer for layer in net.iter("layer")}
     for edge in net.iter("edge"):
         source, target = layers[edge.get("from-layer")], layers[edge.get("to-layer")]
         data = source.find("data")
         if (edge.get("from-layer") in weight_ids and target.get("type") == "Convert" and data is not None
-                and data.get("element_type") == "f16" and target.find("rt_info") is None):
+                and data.get("element_type") != "f32" and target.find("rt_info") is None):
             rt_info = ET.Element("rt_info")
             ET.SubElement(rt_info, "attribute", name="decompression", version="0")
             target.insert(1, rt_info)

@@ -1,14 +1,15 @@
-"""Named export targets. A recipe is a JSON file in recipes/ (or any path): graph formats, weight precision and
-the runtime settings the artifact records for the runtime to apply."""
+"""Named export targets. A recipe is a JSON file in recipes/ (or any path): graph formats, weight precision (one
+format, or one per tensor role: see dg_quantize.roles) and the runtime settings the artifact records for the
+runtime to apply."""
 
 import json
 from importlib import resources
 from pathlib import Path
 
+from dg_quantize.roles import Precision
 from dg_runtime.errors import UserError
 
 DEFAULT_RECIPE = "cpu-fp32"
-STORED_PRECISIONS = ("fp32", "fp16")  # matrices; norms and scales stay fp32
 KEYS = {"description", "formats", "weights", "openvino"}
 
 
@@ -31,9 +32,7 @@ def load_recipe(name_or_path: str) -> dict:
         raise UserError(f"recipe {name_or_path} is not valid JSON ({exc})") from None
     if set(recipe) != KEYS:
         raise UserError(f"recipe {name_or_path} must have exactly the keys {sorted(KEYS)}")
-    if recipe["weights"] not in STORED_PRECISIONS:
-        raise UserError(f"recipe {name_or_path} asks for {recipe['weights']!r} weights; this dg-export stores "
-                        f"{' or '.join(STORED_PRECISIONS)}")
+    Precision(recipe["weights"], where=f"recipe {name_or_path}")  # says what is wrong with its weights entry
     if not set(recipe["formats"]) <= {"onnx", "openvino"}:
         raise UserError(f"recipe {name_or_path} lists unknown formats {recipe['formats']}")
     return {"name": name, **recipe}

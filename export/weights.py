@@ -1,7 +1,7 @@
 """The artifact's one weights file: checkpoint tensors streamed in as the graphs ask for them.
 
 Each tensor is read from the checkpoint, laid out for the graph (linear weights as [in, out]), converted to the
-recipe's stored precision, appended at a 64-byte-aligned offset and released. Both graphs and both formats point
+recipe's stored precision for its role (quantized by dg_quantize, a chunk of rows at a time), appended at a 64-byte-aligned offset and released. Both graphs and both formats point
 at the same bytes: a tensor the encoder and the denoiser share is written once.
 """
 
@@ -10,22 +10,29 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
+from dg_quantize.schemes import Scheme, int4_groups, int8_channels
+
 from .checkpoint import row_chunks
 
 ALIGNMENT = 64  # bytes; lets a runtime map tensors straight from the file
 WEIGHTS_FILE = "weights.bin"
 STORED = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+              np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8}
 # Tensors transformers ties to others; a checkpoint stores one name of each pair.
 ALIASES = (("model.encoder.language_model.", "model.decoder."),)
 
 
 class Weights:
-    def __init__(self, path: Path, checkpoint, precision: str = "fp32", expected_shapes: dict | None = None,
-                 progress=None):
-        self.checkpoint, self.precision = checkpoint, precision
+    def __init__(self, path: Path, checkpoint, precision=None, expected_shapes: dict | None = None, progress=None):
+        from dg_quantize.roles import Precision
+
+        self.checkpoint = checkpoint
+        self.precision = precision or Precision("fp32")
         self.expected_shapes = expected_shapes or {}
         self.progress = progress
-        self.locations: dict[tuple[str, str], tuple[str, int, int, np.dtype, tuple]] = {}
+        self.locations: dict[tuple[str, str], dict[str, Location]] = {}  # (source, layout) -> parts
+        self.schemes: dict[str, Scheme] = {}  # source -> how it is stored, for the manifest
         self.file = open(path, "wb")
 
     def close(self):
@@ -53,43 +60,122 @@ class Weights:
                     return name.replace(src, dst, 1)
         return name  # Checkpoint.read says it is missing
 
+    def scheme(self, source: str) -> Scheme:
+        """How `source` is stored: vectors in fp32, matrices as the precision says for their role."""
+        shape = self.checkpoint.shape(self.resolve(source))
+        return self.precision.scheme(source, shape[-1]) if len(shape) > 1 else Scheme("fp32")
+
     def tensor(self, source: str, layout: str = "as_is", rows: tuple[int, int] | None = None) -> TensorProto:
-        """An initializer for `source` in `layout`, its bytes in the weights file (written on first request);
-        `rows` narrows it to a range of its first axis, which is contiguous in the file."""
+        """An initializer for a float-stored `source` (see `parts`)."""
+        return self.parts(source, layout, rows)["weight"]
+
+    def parts(self, source: str, layout: str = "as_is", rows: tuple[int, int] | None = None,
+              index: int | None = None) -> dict[str, TensorProto]:
+        """Initializers for `source` in `layout`, their bytes in the weights file (written on first request):
+        "weight", and for quantized tensors "scale" (and "zero" for asymmetric int4). `rows` narrows them to a
+        range of their first axis, `index` to one entry of it (one expert), both contiguous in the file."""
         key = (source, layout)
         if key not in self.locations:
             self.locations[key] = self._write(source, layout)
-        name, offset, length, dtype, shape = self.locations[key]
-        if rows is not None:
+        return {part: location.proto(rows, index) for part, location in self.locations[key].items()}
+
+    def _write(self, source: str, layout: str) -> dict[str, "Location"]:
+        """Append one tensor in chunks of rows (of experts, for a 3-D expert weight), so that memory holds a chunk,
+        not the tensor; only a 2-D matrix that must be transposed is read whole. Quantization scales and zero
+        points are gathered as the chunks go and appended after the values."""
+        stored = self.resolve(source)
+        shape = self.checkpoint.shape(stored)
+        scheme = self.schemes[source] = self.scheme(source)
+        name = source if layout == "as_is" else f"{source}.{layout}"
+        transpose = layout == "linear" and scheme.format != "int4"  # MatMulNBits reads [out, in] as it is
+        values = self._start()
+        extra: dict[str, list] = {}
+        for start, stop in row_chunks(shape, whole=transpose and len(shape) == 2):
+            chunk = self.checkpoint.read(stored, start, stop)
+            data, side = encode(chunk, scheme, layout)
+            read_bytes = chunk.size * 4
+            del chunk
+            if transpose:
+                data = np.swapaxes(data, -1, -2)
+            data = np.ascontiguousarray(data)
+            self.file.write(memoryview(data).cast("B"))
+            for part, array in side.items():
+                extra.setdefault(part, []).append(array)
+            if self.progress is not None:
+                self.progress.update(read_bytes)
+        if scheme.format == "int4":
+            out_shape = (*shape[:-1], shape[-1] // scheme.group, scheme.group // 2)
+        else:
+            out_shape = (*shape[:-2], shape[-1], shape[-2]) if transpose else shape
+        parts = {"weight": Location(name if not scheme.quantized else f"{name}.{scheme.format}", values,
+                                    self.file.tell() - values, data.dtype, out_shape)}
+        for part, arrays in extra.items():
+            array = np.ascontiguousarray(np.concatenate(arrays))
+            offset = self._start()
+            self.file.write(memoryview(array).cast("B"))
+            parts[part] = Location(f"{name}.{part}", offset, array.nbytes, array.dtype, array.shape)
+        return parts
+
+    def _start(self) -> int:
+        self.file.write(b"\0" * (-self.file.tell() % ALIGNMENT))
+        return self.file.tell()
+
+    def stored_bytes(self) -> int:
+        return sum(loc.length for parts in self.locations.values() for loc in parts.values())
+
+
+def encode(chunk: np.ndarray, scheme: Scheme, layout: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A chunk of checkpoint rows in its stored form, and its quantization side data (scale, zero point).
+
+    int8 matrices are int8 with a scale per output channel; the embedding (layout as_is, also read by the LM head
+    through MatMulNBits, whose 8-bit zero point is 128) is stored as uint8 = q + 128 with a scale per row.
+    """
+    if scheme.format in STORED:
+        return chunk.astype(STORED[scheme.format if chunk.ndim > 1 else "fp32"][0], copy=False), {}
+    if scheme.format == "int8":
+        q, scale = int8_channels(chunk)
+        if layout == "linear":
+            return q, {"scale": scale}
+        # The LM head's MatMulNBits wants a scale per block of the row: the row's scale, repeated.
+        block_scale = np.repeat(scale[:, None], chunk.shape[-1] // head_block(chunk.shape[-1]), axis=1)
+        return (q.astype(np.int16) + 128).astype(np.uint8), {"scale": scale, "block_scale": block_scale}
+    lead = chunk.shape[:-2]
+    packed, scale, zero = int4_groups(chunk.reshape(-1, chunk.shape[-1]), scheme.group, scheme.sym)
+    rows = chunk.shape[-2]
+    side = {"scale": scale.reshape(*lead, rows, -1)}
+    if zero is not None:
+        side["zero"] = zero.reshape(*lead, rows, -1)
+    return packed.reshape(*lead, rows, *packed.shape[1:]), side
+
+
+def head_block(hidden: int) -> int:
+    """The MatMulNBits block for the int8 LM head: the largest power of two up to 256 that divides the width."""
+    block = 256
+    while hidden % block:
+        block //= 2
+    return block
+
+
+class Location:
+    """Where one stored array lives in the weights file, and initializers for it or for rows of it."""
+
+    def __init__(self, name: str, offset: int, length: int, dtype, shape: tuple):
+        self.name, self.offset, self.length = name, offset, length
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+
+    def proto(self, rows: tuple[int, int] | None = None, index: int | None = None) -> TensorProto:
+        name, offset, length, shape = self.name, self.offset, self.length, self.shape
+        if rows is not None or index is not None:
+            first, last = rows if rows is not None else (index, index + 1)
             row_bytes = length // shape[0]
-            name, offset, length = f"{name}[{rows[0]}:{rows[1]}]", offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-            shape = (rows[1] - rows[0], *shape[1:])
-        tensor = TensorProto(name=name, data_type=dtype, dims=shape)
+            offset, length = offset + first * row_bytes, (last - first) * row_bytes
+            name = f"{name}[{first}:{last}]" if index is None else f"{name}[{index}]"
+            shape = (last - first, *shape[1:]) if index is None else shape[1:]
+        tensor = TensorProto(name=name, data_type=ONNX_TYPES[self.dtype], dims=shape)
         tensor.data_location = TensorProto.EXTERNAL
         for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
             tensor.external_data.add(key=k, value=v)
         return tensor
-
-    def _write(self, source: str, layout: str):
-        """Append one tensor in chunks of rows (of experts, for a 3-D expert weight), so that memory holds a chunk,
-        not the tensor; only a 2-D matrix that must be transposed is read whole."""
-        stored = self.resolve(source)
-        shape = self.checkpoint.shape(stored)
-        np_dtype, onnx_dtype = STORED[self.precision] if len(shape) > 1 else STORED["fp32"]
-        self.file.write(b"\0" * (-self.file.tell() % ALIGNMENT))
-        offset = self.file.tell()
-        for start, stop in row_chunks(shape, whole=layout == "linear" and len(shape) == 2):
-            chunk = self.checkpoint.read(stored, start, stop)
-            if layout == "linear":
-                chunk = np.swapaxes(chunk, -1, -2)
-            data = np.ascontiguousarray(chunk, dtype=np_dtype)
-            del chunk
-            self.file.write(memoryview(data).cast("B"))
-            if self.progress is not None:
-                self.progress.update(data.nbytes)
-        out_shape = (*shape[:-2], shape[-1], shape[-2]) if layout == "linear" else shape
-        name = source if layout == "as_is" else f"{source}.{layout}"
-        return name, offset, self.file.tell() - offset, onnx_dtype, tuple(out_shape)
 
 
 def expected_shapes(config) -> dict[str, tuple]:

@@ -1,0 +1,89 @@
+"""Tensor roles, and the precision of each role as a recipe or the command line asks.
+
+A recipe's "weights" is either one format for every matrix ("fp32") or one per role:
+
+    {"embedding": "int8", "attention": "int8", "mlp": "int8", "router": "fp32", "experts": "int4",
+     "group_size": 64, "sym": true}
+
+Norms, scalars and the router's per-expert scales are vectors and always stay fp32.
+"""
+
+from dg_runtime.errors import UserError
+
+from .schemes import FLOAT_FORMATS, FORMATS, Scheme
+
+ROLES = ("embedding", "attention", "mlp", "router", "experts")
+DEFAULT_GROUP = 64  # divides both of the real model's input widths (2816 and the expert width 704)
+
+
+def role_of(source: str) -> str:
+    """The role of a checkpoint matrix, from its name."""
+    if "embed_tokens" in source or source == "lm_head.weight":
+        return "embedding"
+    if ".self_attn." in source:
+        return "attention"
+    if ".experts." in source:
+        return "experts"
+    if ".router." in source:
+        return "router"
+    return "mlp"  # the dense MLP and the self-conditioning MLP
+
+
+def weight_formats(format_: str) -> dict:
+    """What --weight-format means per role: int4 keeps the embedding at 8 bits (it is also the LM head) and the
+    router at full precision, as optimum-intel's int4 export keeps its most sensitive tensors wider."""
+    if format_ in FLOAT_FORMATS:
+        return {role: format_ for role in ROLES}
+    if format_ == "int8":
+        return {**{role: "int8" for role in ROLES}, "router": "fp32"}
+    return {"embedding": "int8", "attention": "int4", "mlp": "int4", "router": "fp32", "experts": "int4"}
+
+
+class Precision:
+    """The scheme of every role, from a recipe's "weights" entry with command-line overrides applied."""
+
+    def __init__(self, weights, weight_format: str | None = None, group_size: int | None = None,
+                 sym: bool | None = None, where: str = "recipe"):
+        spec = dict(weights) if isinstance(weights, dict) else {role: weights for role in ROLES}
+        if weight_format is not None:
+            spec.update(weight_formats(weight_format))
+        group = group_size if group_size is not None else spec.pop("group_size", DEFAULT_GROUP)
+        spec.pop("group_size", None)
+        symmetric = sym if sym is not None else spec.pop("sym", False)
+        spec.pop("sym", None)
+        if set(spec) != set(ROLES):
+            raise UserError(f"{where} weights must name a format for each of {', '.join(ROLES)} (got {sorted(spec)})")
+        for role, value in spec.items():
+            if value not in FORMATS:
+                raise UserError(f"{where} asks for {value!r} {role} weights; choose one of {', '.join(FORMATS)}")
+        if spec["router"] not in FLOAT_FORMATS:
+            raise UserError("the router picks the experts and is tiny: keep it at fp32 or fp16")
+        if not isinstance(group, int) or isinstance(group, bool) or group < 16 or group & (group - 1):
+            raise UserError(f"--group-size must be a power of two of at least 16 (got {group!r})")
+        self.formats, self.group, self.sym = spec, group, bool(symmetric)
+
+    def scheme(self, source: str, columns: int) -> Scheme:
+        format_ = self.formats[role_of(source)]
+        if format_ != "int4":
+            return Scheme(format_)
+        return Scheme("int4", self.group, self.sym).for_columns(columns)
+
+    @property
+    def quantized(self) -> bool:
+        return any(f not in FLOAT_FORMATS for f in self.formats.values())
+
+    def summary(self) -> dict:
+        """For the manifest: the format of each role, and the int4 settings when int4 is used."""
+        entry = dict(self.formats)
+        if "int4" in self.formats.values():
+            entry.update(group_size=self.group, sym=self.sym)
+        return entry
+
+    def label(self) -> str:
+        """A short name: 'fp32', or 'int4 experts, int8 embedding/attention/mlp, fp32 router'."""
+        by_format: dict[str, list] = {}
+        for role, format_ in self.formats.items():
+            by_format.setdefault(format_, []).append(role)
+        if len(by_format) == 1:
+            return next(iter(by_format))
+        return ", ".join(f"{f} {'/'.join(roles)}" for f, roles in by_format.items())

@@ -1,0 +1,95 @@
+"""Weight-only quantization of one matrix at a time, in the byte layouts the backends' kernels read.
+
+int8: symmetric, one scale per output channel, stored [in, out] int8 (ONNX Runtime's DynamicQuantizeMatMul and
+OpenVINO's compressed FullyConnected read it as it is; their int8 kernels quantize the activations on the fly).
+int4: one scale per group of `group` input channels, stored [out, in / group, group / 2] with two values a byte,
+low nibble first (ONNX Runtime's MatMulNBits layout); symmetric values sit around 8 with no stored zero point,
+asymmetric ones carry a float zero point per group.
+
+Every function takes the checkpoint's [out, in] rows, so a tensor can be quantized a chunk of rows at a time.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOAT_FORMATS = ("fp32", "fp16")
+FORMATS = (*FLOAT_FORMATS, "int8", "int4")
+MIN_GROUP = 16  # MatMulNBits' smallest block
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one tensor is stored: format, and for int4 the group size and symmetry."""
+
+    format: str = "fp32"
+    group: int | None = None
+    sym: bool = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.format not in FLOAT_FORMATS
+
+    def record(self) -> dict:
+        entry = {"format": self.format}
+        if self.format == "int8":
+            entry.update(group_size=-1, sym=True)
+        elif self.format == "int4":
+            entry.update(group_size=self.group, sym=self.sym)
+        return entry
+
+    def for_columns(self, columns: int) -> "Scheme":
+        """This scheme with the group narrowed to divide `columns` (the expert width 704 takes 64, not 128)."""
+        if self.format != "int4" or columns % self.group == 0:
+            return self
+        group = self.group
+        while group > MIN_GROUP and columns % group:
+            group //= 2
+        if columns % group:
+            raise ValueError(f"no int4 group of at least {MIN_GROUP} divides {columns} input channels")
+        return Scheme("int4", group, self.sym)
+
+
+def int8_channels(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] floats -> (int8 [out, in], scale [out]); value = q * scale."""
+    scale = np.abs(rows).max(axis=-1) / 127
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(rows / scale[..., None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def int4_groups(rows: np.ndarray, group: int, sym: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[out, in] floats -> (packed uint8 [out, in/group, group/2], scale [out, in/group], zero point or None).
+
+    Symmetric: q = round(w / scale) + 8 in 1..15, scale = max|w| / 7. Asymmetric: q = round(w / scale) + zero in
+    0..15, scale = (max - min) / 15, zero a float per group (ONNX Runtime's MatMulNBits reads a float zero point).
+    """
+    out, columns = rows.shape
+    blocks = rows.reshape(out, columns // group, group)
+    if sym:
+        scale = np.abs(blocks).max(axis=-1) / 7
+        scale[scale == 0] = 1.0
+        zero = None
+        q = np.clip(np.rint(blocks / scale[..., None]), -7, 7) + 8
+    else:
+        low, high = np.minimum(blocks.min(axis=-1), 0), np.maximum(blocks.max(axis=-1), 0)
+        scale = (high - low) / 15
+        scale[scale == 0] = 1.0
+        zero = np.rint(-low / scale).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale[..., None]) + zero[..., None], 0, 15)
+    q = q.astype(np.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return packed, scale.astype(np.float32), zero
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 [..., out, in] (as the checkpoint orders it) -> floats."""
+    return q.astype(np.float32) * scale[..., None]
+
+
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    """The inverse of int4_groups: [out, in/group, group/2] -> [out, in] floats."""
+    q = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.float32)
+    q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
+    values = (q - (8 if zero is None else zero[..., None])) * scale[..., None]
+    return values.reshape(packed.shape[0], -1)
