@@ -252,31 +252,31 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, precision
         manifest["formats"]["openvino"] = {"graphs": {g: f"{g}.xml" for g in GRAPH_NAMES}, "weights": WEIGHTS_FILE}
 
     if not args.no_validate:
-        from . import validate
-
-        backends = ["onnxruntime" if f == "onnx" else f for f in formats]
         from .plan import count_parameters, export_estimate
 
+        backends = ["onnxruntime" if f == "onnx" else f for f in formats]
         mode = export_estimate(config, count_parameters(config), args.validation)["validation"]
         mode = "by-layer" if synthetic else mode
-        with progress.stage(f"validating against transformers ({mode})"):
-            if mode == "full":
-                from .source import load_model
-
-                rows = validate.validate(load_model(folder), staging, manifest, backends, args.atol)
-            else:
-                bar = progress_bar(validate.component_count(config), "components", unit="it")
-                rows = validate.validate_by_layer(config, checkpoint, staging, weights, backends, args.atol,
-                                                  progress=bar)
-                bar.close()
+        if precision.quantized:
+            rows = check_quantized(args, config, checkpoint, weights, staging, manifest, backends, mode, progress)
+        else:
+            rows = validate_against_transformers(args, config, folder, checkpoint, weights, staging, manifest,
+                                                 backends, mode, progress)
         manifest["validation"] = {"mode": mode, "atol": args.atol, "results": rows}
-        print_validation(rows)
+        print_validation(rows, "checks of the quantized artifact" if precision.quantized else
+                         "validation against transformers (floats: max |graph - transformers| / (1 + |transformers|); "
+                         "tokens: fraction differing)")
         failed = [r for r in rows if not r["ok"]]
         if failed:
             worst = max(failed, key=lambda r: r["diff"])
             raise UserError(f"validation failed: {len(failed)} output(s) over tolerance, worst {worst['backend']} "
                             f"{worst['graph']} {worst['output']} = {worst['diff']:.3g} (atol {args.atol}); "
                             "nothing was written")
+        if "quality" in manifest:
+            from dg_quantize.quality import format_report, write_report
+
+            write_report(staging, manifest["quality"])
+            print(format_report(manifest["quality"]), file=sys.stderr)
     if "onnx" not in formats:
         for graph in GRAPH_NAMES:
             (staging / f"{graph}.onnx").unlink()
@@ -289,10 +289,82 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, precision
             f"{seconds:.0f} s")
 
 
-def print_validation(rows: list[dict]) -> None:
+def validate_against_transformers(args, config, folder, checkpoint, weights, staging, manifest, backends, mode,
+                                  progress) -> list[dict]:
+    from . import validate
+    from .weights import progress_bar
+
+    with progress.stage(f"validating against transformers ({mode})"):
+        if mode == "full":
+            from .source import load_model
+
+            return validate.validate(load_model(folder), staging, manifest, backends, args.atol)
+        bar = progress_bar(validate.component_count(config), "components", unit="it")
+        try:
+            return validate.validate_by_layer(config, checkpoint, staging, weights, backends, args.atol, progress=bar)
+        finally:
+            bar.close()
+
+
+def check_quantized(args, config, checkpoint, weights, staging, manifest, backends, mode, progress) -> list[dict]:
+    """Quantized weights are checked against the checkpoint (within half a step); what they cost is measured
+    against fp32 graphs of the same checkpoint (the quality report) where those fit in memory."""
+    from . import validate
+
+    stage = "checking the quantized weights" + (" and measuring them against fp32 graphs" if mode == "full" else "")
+    with progress.stage(stage):
+        rows = validate.mark_ok([{"backend": "-", "graph": "weights file", "output": "tensors off by > half a step",
+                                  "diff": validate.check_weights_file(checkpoint, weights, staging)}], 0.0)
+        if mode == "full" and rows[0]["ok"]:
+            manifest["quality"] = measure_quality(config, checkpoint, staging, manifest, backends,
+                                                  demo=args.model == BUILTIN_ID)
+    if mode != "full":
+        print("dg-export: no quality report: it runs fp32 graphs of the whole model, which would not fit in memory "
+              "(see --dry-run); the quantized weights were checked", file=sys.stderr)
+    return rows
+
+
+def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends: list[str], demo: bool) -> dict:
+    """Export fp32 ONNX graphs of the same checkpoint beside the artifact (hidden, removed after) and measure the
+    quantized graphs against them on every backend; on the demo model also its exact-match accuracy."""
+    import onnx
+    from dg_quantize import quality
+
+    from .builder import build_graphs
+    from .weights import WEIGHTS_FILE, Weights
+
+    reference = staging / ".fp32-reference"
+    reference.mkdir()
+    try:
+        weights = Weights(reference / WEIGHTS_FILE, checkpoint)
+        try:
+            graphs = build_graphs(config, weights)
+        finally:
+            weights.close()
+        for graph, model in graphs.items():
+            onnx.save(model, str(reference / f"{graph}.onnx"))
+        for file in staging.iterdir():
+            if file.is_file() and file.suffix not in (".onnx", ".xml", ".bin") and not file.name.startswith("."):
+                shutil.copy2(file, reference / file.name)
+        write_manifest(reference, {**manifest, "precision": "fp32", "weights": {},
+                                   "formats": {"onnx": {"graphs": {g: f"{g}.onnx" for g in GRAPH_NAMES},
+                                                        "weights": WEIGHTS_FILE}}})
+        write_manifest(staging, manifest)  # the runtime opens artifacts by their manifest
+        rows = [quality.measure(staging, reference, backend) for backend in backends]
+        if demo:
+            fp32_accuracy = quality.demo_accuracy(reference, "onnxruntime")
+            for row in rows:
+                row.update(demo_exact_match=quality.demo_accuracy(staging, row["backend"]),
+                           fp32_demo_exact_match=fp32_accuracy)
+    finally:
+        shutil.rmtree(reference, ignore_errors=True)
+    return {"precision": manifest["precision"], "reference": "fp32 ONNX graphs of the same checkpoint, ONNX Runtime",
+            "backends": rows}
+
+
+def print_validation(rows: list[dict], title: str) -> None:
     """One line per backend, graph and output; by-layer rows are summarised over layers (the worst one shown)."""
-    print("\nvalidation against transformers (floats: max |graph - transformers| / (1 + |transformers|); tokens: "
-          "fraction differing):", file=sys.stderr)
+    print(f"\n{title}:", file=sys.stderr)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["backend"], re.sub(r"\.\d+$", "", r["graph"]), r["output"]), []).append(r)

@@ -147,9 +147,9 @@ class ComponentWeights:
 
 def read_stored(tensor: onnx.TensorProto, folder: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
     """An initializer's array from the weights file, or rows [start, stop) of its first axis."""
-    from .weights import STORED, external_location
+    from .weights import ONNX_TYPES, external_location
 
-    dtype = {onnx_type: np_type for np_type, onnx_type in STORED.values()}[tensor.data_type]
+    dtype = {onnx_type: np_type for np_type, onnx_type in ONNX_TYPES.items()}[tensor.data_type]
     file, offset, length = external_location(tensor)
     dims = list(tensor.dims)
     if not dims:
@@ -161,22 +161,33 @@ def read_stored(tensor: onnx.TensorProto, folder: Path, start: int = 0, stop: in
 
 
 def check_weights_file(checkpoint, weights, folder: Path) -> float:
-    """The fraction of tensors the weights file does not hold exactly as the checkpoint does (at the stored
-    precision), compared a chunk of rows at a time (a 2-D matrix stored transposed, whole)."""
+    """The fraction of tensors the weights file does not hold as the checkpoint does: floats exactly (at the
+    stored precision), quantized ones within half a quantization step once dequantized. Compared a chunk of rows
+    at a time (a 2-D matrix stored transposed, whole)."""
     from .checkpoint import row_chunks
+    from .weights import decode
 
     mismatched = 0
-    for source, layout in weights.locations:
-        tensor, name = weights.tensor(source, layout), weights.resolve(source)
-        for start, stop in row_chunks(tuple(tensor.dims), whole=layout == "linear" and len(tensor.dims) == 2):
-            stored = read_stored(tensor, folder, start, stop)
+    for (source, layout), locations in weights.locations.items():
+        scheme, name = weights.schemes[source], weights.resolve(source)
+        parts = {part: location.proto() for part, location in locations.items()}
+        transposed = layout == "linear" and scheme.format != "int4"
+        for start, stop in row_chunks(checkpoint.shape(name), whole=transposed and len(parts["weight"].dims) == 2):
+            stored, tolerance = decode({part: read_stored(t, folder, start, stop) for part, t in parts.items()},
+                                       scheme, layout)
             expected = checkpoint.read(name, start, stop)
-            if layout == "linear":
-                stored = np.swapaxes(stored, -1, -2)
-            if not np.array_equal(expected.astype(stored.dtype), stored):
+            if not scheme.quantized:
+                expected = expected.astype(parts_dtype(parts["weight"])).astype(np.float32)
+            if not np.all(np.abs(stored - expected) <= tolerance * (1 + 1e-5) + 1e-30):
                 mismatched += 1
                 break
     return mismatched / max(1, len(weights.locations))
+
+
+def parts_dtype(tensor: onnx.TensorProto):
+    from .weights import ONNX_TYPES
+
+    return {onnx_type: np_type for np_type, onnx_type in ONNX_TYPES.items()}[tensor.data_type]
 
 
 def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], atol: float, batch: int = 2,

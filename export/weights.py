@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from dg_quantize.schemes import Scheme, int4_groups, int8_channels
+from dg_quantize.schemes import Scheme, dequantize_int4, dequantize_int8, int4_groups, int8_channels
 
 from .checkpoint import row_chunks
 
@@ -146,6 +146,24 @@ def encode(chunk: np.ndarray, scheme: Scheme, layout: str) -> tuple[np.ndarray, 
     if zero is not None:
         side["zero"] = zero.reshape(*lead, rows, -1)
     return packed.reshape(*lead, rows, *packed.shape[1:]), side
+
+
+def decode(parts: dict[str, np.ndarray], scheme: Scheme, layout: str) -> tuple[np.ndarray, np.ndarray | float]:
+    """Stored rows back in the checkpoint's layout, and how far each may be from the checkpoint's value (half a
+    quantization step; 0 for floats): the inverse of `encode`, for checking the weights file."""
+    data = parts["weight"]
+    if not scheme.quantized:
+        return (np.swapaxes(data, -1, -2) if layout == "linear" else data).astype(np.float32), 0.0
+    scale = parts["scale"]
+    if scheme.format == "int8":
+        if layout == "linear":
+            return dequantize_int8(np.swapaxes(data, -1, -2), scale), scale[..., None] / 2
+        return dequantize_int8(data.astype(np.int16) - 128, scale), scale[..., None] / 2
+    lead, rows = data.shape[:-3], data.shape[-3]
+    flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
+    values = dequantize_int4(data.reshape(-1, *data.shape[-2:]), flat(scale), flat(parts.get("zero")))
+    step = np.repeat(flat(scale), scheme.group, axis=-1) / 2
+    return values.reshape(*lead, rows, -1), step.reshape(*lead, rows, -1)
 
 
 def head_block(hidden: int) -> int:

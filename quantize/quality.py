@@ -1,0 +1,145 @@
+"""What quantization costs, measured against the fp32 graphs on the same prompts and the same noise.
+
+Two kinds of run per prompt:
+- teacher-forced: the quantized model generates; at every step the fp32 denoiser sees exactly the same canvas,
+  soft embedding, noise and committed tokens (its own KV of them), so each step's argmax canvas and distribution
+  are compared on equal inputs: top-1 agreement and KL(fp32 || quantized) of the tempered step distributions;
+- free: both generate on their own with the same seed: steps per block, tokens per forward, and the share of
+  generated positions that come out the same.
+The report is written into the artifact as quality.json.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dg_runtime.generate import DENOISER_OUTPUTS, DiffusionGemma
+
+REPORT_FILE = "quality.json"
+PROMPT_COUNT = 8  # held-out demo problems: in the demo model's domain, as good as any text for random weights
+
+
+class TeacherForced:
+    """Stands in for the quantized model's graphs: runs them, then the fp32 graphs on the same inputs (the fp32
+    encoder keeps its own KV cache of the same tokens), and records each step's comparison."""
+
+    def __init__(self, model: DiffusionGemma, reference: DiffusionGemma):
+        self.model, self.reference = model, reference
+        self.encoder, self.denoiser = model.encoder, model.denoiser
+        self.cache = reference.new_cache(1)
+        self.agreement, self.kl = [], []
+
+    def __enter__(self):
+        self.model.encoder, self.model.denoiser = self._Encoder(self), self._Denoiser(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.model.encoder, self.model.denoiser = self.encoder, self.denoiser
+
+    class _Encoder:
+        def __init__(self, outer):
+            self.outer, self.output_names = outer, outer.encoder.output_names
+
+        def run(self, names, feeds):
+            outer = self.outer
+            fresh = {k: v for k, v in feeds.items() if not k.startswith("past.")}
+            reference = outer.reference.encoder
+            outer.cache.append(reference.run(reference.output_names, {**fresh, **outer.cache.feeds()}))
+            return outer.encoder.run(names, feeds)
+
+    class _Denoiser:
+        def __init__(self, outer):
+            self.outer = outer
+
+        def run(self, names, feeds):
+            outer = self.outer
+            fresh = {k: v for k, v in feeds.items() if not k.startswith("past.")}
+            *outputs, logits = outer.denoiser.run([*names, "logits"], feeds)
+            reference_argmax, reference_logits = outer.reference.denoiser.run(
+                ["argmax", "logits"], {**fresh, **outer.cache.feeds()})
+            outer.agreement.append(float(np.mean(outputs[names.index("argmax")] == reference_argmax)))
+            outer.kl.append(kl_divergence(reference_logits, logits, float(feeds["temperature"])))
+            return outputs
+
+
+def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray, temperature: float) -> float:
+    """Mean over positions of KL(p_fp32 || p_quantized) of the tempered distributions, in nats."""
+    log_p, log_q = (log_softmax(x.astype(np.float64) / temperature) for x in (reference_logits, logits))
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def measure(artifact: Path, reference: Path, backend: str, prompts: int = PROMPT_COUNT, blocks: int = 2) -> dict:
+    """The report's row for one backend of the quantized artifact, against the fp32 artifact on ONNX Runtime."""
+    from dg_export.demo.tasks import held_out
+
+    model, fp32 = DiffusionGemma(artifact, backend), DiffusionGemma(reference, "onnxruntime")
+    settings = model.defaults.with_overrides(max_new_tokens=blocks * model.canvas_length)
+    agreement, kl, steps, fp32_steps, rates, fp32_rates, same, started = [], [], [], [], [], [], [], time.perf_counter()
+    for seed, (text, _) in enumerate(held_out(prompts)):
+        ids = [model.text.chat_ids([{"role": "user", "content": text}])]
+        with TeacherForced(model, fp32) as forced:
+            model.generate(ids, settings, seed)
+        agreement += forced.agreement
+        kl += forced.kl
+        ours, theirs = model.generate(ids, settings, seed), fp32.generate(ids, settings, seed)
+        steps += ours.stats.steps_per_block
+        fp32_steps += theirs.stats.steps_per_block
+        rates.append(ours.stats.tokens_per_forward)
+        fp32_rates.append(theirs.stats.tokens_per_forward)
+        length = max(ours.tokens.shape[1], theirs.tokens.shape[1])
+        same.append(np.mean(pad_to(ours.tokens, length, model.pad_id) == pad_to(theirs.tokens, length, model.pad_id)))
+    return {
+        "backend": backend,
+        "prompts": prompts,
+        "steps_compared": len(agreement),
+        "step_argmax_agreement": float(np.mean(agreement)),
+        "step_kl_mean": float(np.mean(kl)),
+        "steps_per_block": float(np.mean(steps)),
+        "fp32_steps_per_block": float(np.mean(fp32_steps)),
+        "tokens_per_forward": float(np.mean(rates)),
+        "fp32_tokens_per_forward": float(np.mean(fp32_rates)),
+        "generation_token_agreement": float(np.mean(same)),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def pad_to(tokens: np.ndarray, length: int, pad_id: int) -> np.ndarray:
+    return np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])), constant_values=pad_id)
+
+
+def demo_accuracy(artifact: Path, backend: str, problems: int = 100) -> float:
+    """Exact match on held-out problems of the embedded demo model (what it was trained to solve)."""
+    from dg_export.demo.evaluate import evaluate_artifact
+    from dg_export.demo.tasks import held_out
+
+    return evaluate_artifact(artifact, backend, held_out(problems))[0]["accuracy"]
+
+
+def write_report(artifact: Path, report: dict) -> None:
+    (Path(artifact) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def read_report(artifact: Path) -> dict:
+    return json.loads((Path(artifact) / REPORT_FILE).read_text())
+
+
+def format_report(report: dict) -> str:
+    lines = [f"quality of {report['precision']} against the fp32 graphs (same prompts, same noise):",
+             "  backend      step argmax agree  step KL (nats)  steps/block (fp32)  tokens/forward (fp32)  "
+             "tokens same" + ("  demo exact match (fp32)" if "demo_exact_match" in report["backends"][0] else "")]
+    for row in report["backends"]:
+        line = (f"  {row['backend']:11}  {row['step_argmax_agreement'] * 100:16.2f} %  {row['step_kl_mean']:14.2e}  "
+                f"{row['steps_per_block']:8.2f} ({row['fp32_steps_per_block']:.2f})  "
+                f"{row['tokens_per_forward']:11.2f} ({row['fp32_tokens_per_forward']:.2f})  "
+                f"{row['generation_token_agreement'] * 100:9.1f} %")
+        if "demo_exact_match" in row:
+            line += f"  {row['demo_exact_match'] * 100:9.1f} % ({row['fp32_demo_exact_match'] * 100:.1f} %)"
+        lines.append(line)
+    return "\n".join(lines)
