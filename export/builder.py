@@ -42,18 +42,21 @@ def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None)
             return g.op("DynamicQuantizeMatMul", x, parts["weight"], parts["scale"], domain=CONTRIB)
         return g.op("MatMul", x, g.op("Mul", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), parts["scale"]))
     blocks = columns // scheme.group
+    half = TensorProto.FLOAT16  # int4 scales (and zero points) are fp16: MatMulNBits then runs on fp16 activations
     if g.target == "onnx":
-        parts = g.stored(source, index=index, scale=(TensorProto.FLOAT, [out * blocks]),
-                         **({"zero": (TensorProto.FLOAT, [out * blocks])} if not scheme.sym else {}))
+        parts = g.stored(source, index=index, scale=(half, [out * blocks]),
+                         **({"zero": (half, [out * blocks])} if not scheme.sym else {}))
         inputs = [parts["weight"], parts["scale"]] + ([parts["zero"]] if "zero" in parts else [])
-        return g.op("MatMulNBits", x, *inputs, domain=CONTRIB, K=columns, N=out, bits=4, block_size=scheme.group,
-                    accuracy_level=4)
-    side = (TensorProto.FLOAT, [out, blocks, 1])
+        product = g.op("MatMulNBits", g.op("Cast", x, to=half), *inputs, domain=CONTRIB, K=columns, N=out, bits=4,
+                       block_size=scheme.group, accuracy_level=4)
+        return g.op("Cast", product, to=TensorProto.FLOAT)
+    side = (half, [out, blocks, 1])
     parts = g.stored(source, index=index, weight=(TensorProto.UINT4, [out, blocks, scheme.group]), scale=side,
                      **({"zero": side} if not scheme.sym else {}))
-    values = g.op("Sub", g.op("Cast", parts["weight"], to=TensorProto.FLOAT),
-                  parts["zero"] if "zero" in parts else g.const(8.0, np.float32))
-    weight = g.op("Reshape", g.op("Mul", values, parts["scale"]), g.const([out, columns]))
+    values = g.op("Sub", g.op("Cast", parts["weight"], to=half),
+                  parts["zero"] if "zero" in parts else g.const(8.0, np.float16))
+    weight = g.op("Reshape", g.op("Cast", g.op("Mul", values, parts["scale"]), to=TensorProto.FLOAT),
+                  g.const([out, columns]))
     return g.op("MatMul", x, g.op("Transpose", weight, perm=[1, 0]))
 
 
