@@ -37,9 +37,10 @@ def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None)
     shape = g.weights.checkpoint.shape(g.weights.resolve(source))
     out, columns = shape[-2], shape[-1]
     if scheme.format == "int8":
-        parts = g.stored(source, index=index)
         if g.target == "onnx":
+            parts = g.stored(source, index=index)
             return g.op("DynamicQuantizeMatMul", x, parts["weight"], parts["scale"], domain=CONTRIB)
+        parts = g.stored(source, index=index, scale=(TensorProto.FLOAT, [1, out]))  # 2-D, as OpenVINO's pattern asks
         return g.op("MatMul", x, g.op("Mul", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), parts["scale"]))
     blocks = columns // scheme.group
     half = TensorProto.FLOAT16  # int4 scales (and zero points) are fp16: MatMulNBits then runs on fp16 activations
@@ -53,10 +54,10 @@ def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None)
     side = (half, [out, blocks, 1])
     parts = g.stored(source, index=index, weight=(TensorProto.UINT4, [out, blocks, scheme.group]), scale=side,
                      **({"zero": side} if not scheme.sym else {}))
-    values = g.op("Sub", g.op("Cast", parts["weight"], to=half),
-                  parts["zero"] if "zero" in parts else g.const(8.0, np.float16))
-    weight = g.op("Reshape", g.op("Cast", g.op("Mul", values, parts["scale"]), to=TensorProto.FLOAT),
-                  g.const([out, columns]))
+    # OpenVINO matches NNCF's form: a u4 zero-point constant of the scale's shape (8 for symmetric weights).
+    zero = g.op("Cast", parts["zero"], to=half) if "zero" in parts else g.op("Cast", g.uint4_eights([out, blocks, 1]), to=half)
+    values = g.op("Mul", g.op("Sub", g.op("Cast", parts["weight"], to=half), zero), parts["scale"])
+    weight = g.op("Cast", g.op("Reshape", values, g.const([out, columns])), to=TensorProto.FLOAT)
     return g.op("MatMul", x, g.op("Transpose", weight, perm=[1, 0]))
 
 
@@ -98,6 +99,15 @@ class Graph:
         if key not in self._constants:
             name = f"const_{len(self._constants)}"
             self.initializers.append(onnx.numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def uint4_eights(self, shape: list[int]) -> str:
+        """A uint4 constant of eights: the zero point OpenVINO's compressed-weight pattern wants for symmetric int4."""
+        key = ("uint4-eights", tuple(shape))
+        if key not in self._constants:
+            name = f"const_{len(self._constants)}"
+            self.initializers.append(helper.make_tensor(name, TensorProto.UINT4, shape, np.full(int(np.prod(shape)), 8)))
             self._constants[key] = name
         return self._constants[key]
 

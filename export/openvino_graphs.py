@@ -71,22 +71,5 @@ def point_at_weights(xml_path: Path, external: dict, weights_path: Path) -> None
                 appended[span] = weights.tell()
                 weights.write(source.read(span[1]))
             data.set("offset", str(appended[span]))
-    mark_decompression(tree.getroot(), {layer.get("id") for layer in tree.getroot().iter("layer")
-                                        if layer.get("name") in external})
     tree.write(xml_path, encoding="utf-8", xml_declaration=True)
     own_bin.unlink()
-
-
-def mark_decompression(net: ET.Element, weight_ids: set[str]) -> None:
-    """Mark the Converts that widen stored fp16 or integer weights as decompression, as OpenVINO's own
-    compression does: its plugins then keep those weights narrow and widen them as they compute, instead of
-    folding an fp32 copy."""
-    layers = {layer.get("id"): layer for layer in net.iter("layer")}
-    for edge in net.iter("edge"):
-        source, target = layers[edge.get("from-layer")], layers[edge.get("to-layer")]
-        data = source.find("data")
-        if (edge.get("from-layer") in weight_ids and target.get("type") == "Convert" and data is not None
-                and data.get("element_type") != "f32" and target.find("rt_info") is None):
-            rt_info = ET.Element("rt_info")
-            ET.SubElement(rt_info, "attribute", name="decompression", version="0")
-            target.insert(1, rt_info)
