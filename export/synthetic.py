@@ -18,7 +18,8 @@ from .builtin import GENERATION_CONFIG, TINY_VISION_CONFIG, write_tokenizer
 from .checkpoint import bf16_to_fp32, row_chunks
 
 SAFETENSORS_DTYPES = {"bf16": ("BF16", 2), "fp16": ("F16", 2), "fp32": ("F32", 4)}
-ONES = ("norm.weight", "layernorm.weight", "router.scale", "per_expert_scale", "layer_scalar")
+ONES = ("norm.weight", "layernorm.weight", "layernorm_1.weight", "layernorm_2.weight", "router.scale",
+        "per_expert_scale", "layer_scalar")
 
 
 def fp32_to_bf16(array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,154 @@
+"""Quantized artifacts: the stored layouts are what the kernels read, the weights are within half a step of the
+checkpoint, and the quality report measures agreement with the fp32 graphs on both backends."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import openvino as ov
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_checkpoint
+from dg_export.cli import main as dg_export
+from dg_quantize.quality import read_report
+from dg_quantize.schemes import Scheme, dequantize_int4, dequantize_int8, int4_groups, int8_channels
+from dg_runtime import DiffusionGemma
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int4_groups_are_within_half_a_step_and_in_matmulnbits_layout(sym):
+    """Dequantized by numpy and by ONNX Runtime's MatMulNBits (accuracy level 0: float compute) alike."""
+    out, columns, group = 48, 96, 32
+    weight = RNG.standard_normal((out, columns)).astype(np.float32) + (0 if sym else 0.7)
+    packed, scale, zero = int4_groups(weight, group, sym)
+    assert packed.shape == (out, columns // group, group // 2) and scale.dtype == np.float16
+    values = dequantize_int4(packed, scale, zero)
+    step = np.repeat(scale.astype(np.float32), group, axis=1)
+    assert np.all(np.abs(values - weight) <= step / 2 * (1 + 1e-6))
+
+    x = RNG.standard_normal((5, columns)).astype(np.float16)
+    inputs = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scale.ravel(), "S")]
+    if zero is not None:
+        inputs.append(numpy_helper.from_array(zero.ravel(), "Z"))
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"] + (["Z"] if zero is not None else []), ["y"],
+                            domain="com.microsoft", K=columns, N=out, bits=4, block_size=group, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [5, columns])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [5, out])], inputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = x.astype(np.float32) @ values.T
+    assert np.abs(got - expected).max() <= 2e-3 * np.abs(expected).max()
+
+
+def test_int8_channels_are_within_half_a_step():
+    weight = RNG.standard_normal((16, 40)).astype(np.float32)
+    q, scale = int8_channels(weight)
+    assert q.dtype == np.int8 and scale.shape == (16,)
+    assert np.all(np.abs(dequantize_int8(q, scale) - weight) <= scale[:, None] / 2 * (1 + 1e-6))
+
+
+def test_group_narrows_to_divide_the_width():
+    assert Scheme("int4", 128, True).for_columns(704).group == 64  # the real expert width
+    assert Scheme("int4", 128, True).for_columns(2816).group == 128
+    with pytest.raises(ValueError):
+        Scheme("int4", 64, True).for_columns(40)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("quant") / "model", "gqa-window12")
+
+
+@pytest.fixture(scope="module")
+def demo_fp32(tmp_path_factory):
+    artifact = tmp_path_factory.mktemp("demo") / "fp32.dg"
+    assert dg_export(["-o", str(artifact), "--no-validate"]) == 0
+    return artifact
+
+
+# The trained demo model: real, peaked distributions (random tiny models are chaotic: there even fp16 weights flip
+# argmaxes, so agreement would measure the model's sensitivity, not the quantization). Targets from issue 8.
+@pytest.mark.parametrize("args, min_agreement, max_steps, max_ratio", [
+    (["--recipe", "cpu-int8"], 0.99, 1.05, 0.27),
+    (["--recipe", "cpu-int4-mixed"], 0.95, 1.10, 0.25),  # the demo's embedding is a third of it: int8 there
+    (["--weight-format", "int4", "--sym"], 0.95, 1.10, 0.20),
+])
+def test_quantized_export_reports_its_quality(tmp_path, demo_fp32, args, min_agreement, max_steps, max_ratio):
+    artifact = tmp_path / "q.dg"
+    assert dg_export(["-o", str(artifact), *args]) == 0
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert (artifact / "weights.bin").stat().st_size <= max_ratio * (demo_fp32 / "weights.bin").stat().st_size
+
+    # Every matrix's precision is recorded; vectors stay fp32, the router is never quantized.
+    tensors = manifest["weights"]["tensors"]
+    assert {t["format"] for name, t in tensors.items() if ".experts." in name} == {"int8" if "cpu-int8" in args else "int4"}
+    assert all(t["format"] == "fp32" for name, t in tensors.items() if ".router." in name)
+    assert manifest["validation"]["results"][0]["ok"]  # every tensor within half a step of the checkpoint
+
+    report = read_report(artifact)
+    assert report == manifest["quality"]
+    assert {row["backend"] for row in report["backends"]} == {"onnxruntime", "openvino"}
+    for row in report["backends"]:
+        assert row["steps_compared"] >= 16
+        assert row["step_argmax_agreement"] >= min_agreement, row
+        assert row["steps_per_block"] <= max_steps * row["fp32_steps_per_block"], row
+        assert row["demo_exact_match"] >= row["fp32_demo_exact_match"] - 0.01, row
+
+    # The runtime reads it like any artifact, on both backends.
+    for backend in ("onnxruntime", "openvino"):
+        done = DiffusionGemma(artifact, backend).generate([[5, 6, 7, 8]], seed=0)
+        assert done.tokens.shape[1] > 0
+
+
+def test_quantized_graphs_keep_weights_narrow(tmp_path, checkpoint):
+    """No fp32 copy of a quantized weight: ONNX graphs read the stored int8/uint4 bytes with ONNX Runtime's
+    quantized kernels, and OpenVINO's compiled model keeps them compressed."""
+    artifact = tmp_path / "q.dg"
+    assert dg_export([str(checkpoint), "-o", str(artifact), "--recipe", "cpu-int4-mixed",
+                      "--group-size", "32", "--no-validate"]) == 0
+    model = onnx.load(str(artifact / "denoiser.onnx"), load_external_data=False)
+    kernels = {node.op_type for node in model.graph.node if node.domain == "com.microsoft"}
+    assert kernels == {"MatMulNBits", "DynamicQuantizeMatMul"}
+    stored = {t.data_type for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert TensorProto.FLOAT16 in stored and TensorProto.INT8 in stored and TensorProto.UINT8 in stored
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(artifact / "denoiser.xml"), str(artifact / "weights.bin")),
+                                  "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    weight_types = {str(op.input(1).get_element_type()) for op in compiled.get_runtime_model().get_ordered_ops()
+                    if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
+                    and "experts" in op.get_friendly_name()}
+    assert weight_types == {"<Type: 'uint4_t'>"}, weight_types
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--weight-format", "int3"], "invalid choice"),
+    (["--weight-format", "int4", "--group-size", "100"], "power of two"),
+    (["--weight-format", "int4", "--group-size", "8"], "power of two"),
+])
+def test_bad_quantization_options(tmp_path, capsys, checkpoint, args, expected):
+    try:
+        code = dg_export([str(checkpoint), "-o", str(tmp_path / "out"), *args])
+    except SystemExit as exit_:  # argparse's own refusal
+        code = exit_.code
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights, expected", [
+    ({"embedding": "int8", "attention": "int8", "mlp": "int8", "router": "int8", "experts": "int4"}, "router"),
+    ({"embedding": "int8", "attention": "int8"}, "must name a format for each of"),
+    ({"embedding": "int2", "attention": "int8", "mlp": "int8", "router": "fp32", "experts": "int4"}, "'int2'"),
+])
+def test_bad_recipe_weights(tmp_path, capsys, checkpoint, weights, expected):
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(json.dumps({"description": "", "formats": ["onnx"], "weights": weights,
+                                  "openvino": {"inference_precision": "f32"}}))
+    assert dg_export([str(checkpoint), "-o", str(tmp_path / "out"), "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
