@@ -27,12 +27,18 @@ ONNX_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
 CONTRIB = "com.microsoft"  # ONNX Runtime's quantized kernels
 
 
-def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None) -> str:
+def reads_half(g: "Graph", scheme) -> bool:
+    """Whether the kernel for `scheme` takes fp16 activations (MatMulNBits with fp16 scales, on ONNX Runtime)."""
+    return g.target == "onnx" and scheme.format == "int4"
+
+
+def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None, half_io: bool = False) -> str:
     """x @ W.T with W stored int8 ([in, out], a scale per output channel) or int4 ([out, in/group, group/2]).
 
     ONNX Runtime: DynamicQuantizeMatMul (int8 activations x int8 weights: AMX/VNNI) and MatMulNBits (int8 compute,
     accuracy level 4). OpenVINO: the compressed-weight pattern its plugins run without widening the weights
-    (Convert -> [Subtract zero point] -> Multiply scale -> MatMul).
+    (Convert -> [Subtract zero point] -> Multiply scale -> MatMul). `half_io`: x is fp16 already and the result
+    stays fp16 (the experts cast their dispatch buffer once, not once per expert).
     """
     shape = g.weights.checkpoint.shape(g.weights.resolve(source))
     out, columns = shape[-2], shape[-1]
@@ -48,9 +54,9 @@ def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None)
         parts = g.stored(source, index=index, scale=(half, [out * blocks]),
                          **({"zero": (half, [out * blocks])} if not scheme.sym else {}))
         inputs = [parts["weight"], parts["scale"]] + ([parts["zero"]] if "zero" in parts else [])
-        product = g.op("MatMulNBits", g.op("Cast", x, to=half), *inputs, domain=CONTRIB, K=columns, N=out, bits=4,
-                       block_size=scheme.group, accuracy_level=4)
-        return g.op("Cast", product, to=TensorProto.FLOAT)
+        product = g.op("MatMulNBits", x if half_io else g.op("Cast", x, to=half), *inputs, domain=CONTRIB, K=columns,
+                       N=out, bits=4, block_size=scheme.group, accuracy_level=4)
+        return product if half_io else g.op("Cast", product, to=TensorProto.FLOAT)
     side = (half, [out, blocks, 1])
     parts = g.stored(source, index=index, weight=(TensorProto.UINT4, [out, blocks, scheme.group]), scale=side,
                      **({"zero": side} if not scheme.sym else {}))
@@ -140,14 +146,14 @@ class Graph:
             names[part] = tensor.name
         return names
 
-    def linear(self, x: str, source: str, index: int | None = None) -> str:
+    def linear(self, x: str, source: str, index: int | None = None, half_io: bool = False) -> str:
         """x @ W.T for a checkpoint matrix W [out, in] (or expert `index` of a 3-D one), at its stored precision."""
         scheme = self.weights.scheme(source)
         if not scheme.quantized:
             if index is None:
                 return self.op("MatMul", x, self.weight(source, "linear"))
             raise ValueError("float experts are batched, not split")
-        return quantized_matmul(self, x, source, scheme, index)
+        return quantized_matmul(self, x, source, scheme, index, half_io)
 
     def add_input(self, entry: dict):
         self.inputs.append(helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], entry["shape"]))
@@ -312,12 +318,16 @@ def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, 
 def expert_matmul(g: Graph, x: str, source: str, c: "ModelShape") -> str:
     """[E, C, in] @ each expert's W.T: one batched MatMul for float weights; quantized kernels are 2-D, so the
     dispatch buffer is split into one quantized MatMul per expert (2 x E nodes a layer)."""
-    if not g.weights.scheme(source).quantized:
+    scheme = g.weights.scheme(source)
+    if not scheme.quantized:
         return g.op("MatMul", x, g.weight(source, "linear", c.expert_rows))
+    half = reads_half(g, scheme)
     first = c.expert_rows[0] if c.expert_rows else 0
-    pieces = g.op("Split", x, axis=0, num_outputs=c.num_experts, outputs=c.num_experts)
+    pieces = g.op("Split", g.op("Cast", x, to=TensorProto.FLOAT16) if half else x, axis=0, num_outputs=c.num_experts,
+                  outputs=c.num_experts)
     pieces = [pieces] if c.num_experts == 1 else pieces
-    return g.op("Concat", *(g.linear(piece, source, first + e) for e, piece in enumerate(pieces)), axis=0)
+    out = g.op("Concat", *(g.linear(piece, source, first + e, half) for e, piece in enumerate(pieces)), axis=0)
+    return g.op("Cast", out, to=TensorProto.FLOAT) if half else out
 
 
 def text_layer(g: Graph, x: str, i: int, c: "ModelShape", rope, past_key: str, past_value: str,
