@@ -8,7 +8,6 @@ import torch
 
 from .graphs import graph_specs, kv_layout
 
-BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 2 / 128, "int4": 0.5 + 2 / 128}  # + group-128 scales
 GB = 1e9
 # Measured here (2 cores; python -m dg_export.benchmark_export): the exporter process with its libraries loaded,
 # memory per byte of what validation holds, and throughputs.
@@ -77,6 +76,24 @@ def export_estimate(config, counts: dict, validation: str = "auto") -> dict:
             "peak_gb": (PROCESS_BYTES + max(stream, validate)) / GB, "minutes": seconds / 60, "write_gb": fp32 / GB}
 
 
+def recipe_sizes(config) -> list[tuple[str, int, str]]:
+    """(recipe, weights bytes, precision by role) for every built-in recipe, from the tensor shapes alone."""
+    from dg_quantize.roles import Precision
+
+    from .recipes import available, load_recipe
+    from .synthetic import text_tensor_shapes
+    from .weights import stored_size
+
+    shapes = text_tensor_shapes(config)
+    rows = []
+    for name in available():
+        precision = Precision(load_recipe(name)["weights"])
+        size = sum(stored_size(source, shape, precision.scheme(source, shape[-1]) if len(shape) > 1 else None)
+                   for source, shape in shapes.items())
+        rows.append((name, size, precision.label()))
+    return rows
+
+
 def kv_bytes_per_token(config) -> tuple[float, float]:
     """fp32 KV bytes per cached token in full layers, and the fixed cost of the sliding layers' window."""
     layers = kv_layout(config.text_config)
@@ -112,9 +129,9 @@ def print_plan(config, model_name: str, formats: list[str]) -> None:
             if kv:
                 print(f"    {kind[:-1]:6} {kv[0]['name'].split('.')[0]}.{{0..{text.num_hidden_layers - 1}}}.{{key,value}}"
                       f" float32 (sliding: {format_shape(kv[0]['shape'])}, full: {format_shape(kv[-1]['shape'])})")
-    print("  artifact size per format (weights stored once, shared by both graphs):")
-    for precision, per_weight in BYTES_PER_WEIGHT.items():
-        print(f"    {precision:5} {counts['total'] * per_weight / GB:8.1f} GB")
+    print("  weights per recipe (stored once, shared by both graphs and formats):")
+    for name, size, label in recipe_sizes(config):
+        print(f"    {name:20} {size / GB:7.1f} GB  {label}")
     full_kv, sliding_kv = kv_bytes_per_token(config)
     print(f"  runtime KV cache (fp32): {full_kv / 1e6:.3f} MB per token in full layers + {sliding_kv / 1e6:.1f} MB "
           f"for the sliding windows")

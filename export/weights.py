@@ -166,6 +166,21 @@ def decode(parts: dict[str, np.ndarray], scheme: Scheme, layout: str) -> tuple[n
     return values.reshape(*lead, rows, -1), step.reshape(*lead, rows, -1)
 
 
+def stored_size(source: str, shape: tuple, scheme: Scheme) -> int:
+    """Bytes `encode` writes for a tensor (and its scales): what --dry-run adds up per recipe."""
+    count = int(np.prod(shape))
+    if len(shape) < 2 or scheme.format == "fp32":
+        return 4 * count
+    rows, columns = count // shape[-1], shape[-1]
+    if scheme.format == "fp16":
+        return 2 * count
+    if scheme.format == "int8":
+        block_scale = 4 * rows * (columns // head_block(columns)) if "embed_tokens" in source or source == "lm_head.weight" else 0
+        return count + 4 * rows + block_scale
+    groups = count // scheme.group
+    return count // 2 + 2 * groups * (1 if scheme.sym else 2)
+
+
 def head_block(hidden: int) -> int:
     """The MatMulNBits block for the int8 LM head: the largest power of two up to 256 that divides the width."""
     block = 256

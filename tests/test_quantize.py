@@ -152,3 +152,15 @@ def test_bad_recipe_weights(tmp_path, capsys, checkpoint, weights, expected):
     assert dg_export([str(checkpoint), "-o", str(tmp_path / "out"), "--recipe", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("recipe", ["cpu-int8", "cpu-int4-mixed", "openvino-fp16"])
+def test_dry_run_sizes_are_what_the_export_writes(tmp_path, recipe):
+    from dg_export.builtin import builtin_checkpoint
+    from dg_export.plan import recipe_sizes
+    from dg_export.source import load_config
+
+    planned = {name: size for name, size, _ in recipe_sizes(load_config(builtin_checkpoint()))}[recipe]
+    assert dg_export(["-o", str(tmp_path / "q.dg"), "--recipe", recipe, "--no-validate"]) == 0
+    manifest = json.loads((tmp_path / "q.dg" / "manifest.json").read_text())
+    assert manifest["weights"]["stored_bytes"] == planned
