@@ -3,10 +3,11 @@
     python -m dg_export.benchmark [--size tiny|medium] [--threads 2]
 
 Uses the embedded demo model (tiny) or builds a seeded medium stand-in, exports it once (cached) with the
-cpu-fp32 recipe, then prints a Markdown
-table: the denoiser step (median ms, same inputs) and whole generations (same prompts, same noise, default
-generation settings) for transformers, ONNX Runtime, OpenVINO f32 and OpenVINO bf16, with ratios to
-transformers and the share of tokens identical to transformers'.
+cpu-fp32, cpu-int8 and cpu-int4-mixed recipes, then prints a Markdown table: the denoiser step (median ms, same
+inputs) and whole generations (same prompts, same noise, default generation settings) for transformers, ONNX
+Runtime, OpenVINO f32 and bf16 and the quantized artifacts on both backends, with ratios to transformers and to
+the same backend's fp32 artifact, the share of tokens identical to transformers', the weights' size and the
+runtime's peak RSS (a fresh process loading the artifact and generating).
 """
 
 import argparse
@@ -33,7 +34,17 @@ MEDIUM = {
     "num_key_value_heads": 4, "head_dim": 64, "global_head_dim": 128, "num_global_key_value_heads": 1,
     "num_experts": 32, "top_k_experts": 4, "moe_intermediate_size": 256, "sliding_window": 128,
 }
-BACKENDS = [("onnxruntime", None), ("openvino", "f32"), ("openvino", "bf16")]
+# (recipe, backend, OpenVINO precision)
+RUNS = [("cpu-fp32", "onnxruntime", None), ("cpu-fp32", "openvino", "f32"), ("cpu-fp32", "openvino", "bf16"),
+        ("cpu-int8", "onnxruntime", None), ("cpu-int8", "openvino", None),
+        ("cpu-int4-mixed", "onnxruntime", None), ("cpu-int4-mixed", "openvino", None)]
+PEAK_RSS = """
+import sys, numpy as np
+from dg_runtime import DiffusionGemma
+model = DiffusionGemma(sys.argv[1], sys.argv[2], threads=int(sys.argv[3]), precision=sys.argv[4] or None)
+model.generate(np.arange(5, 45)[None] % model.vocab_size, seed=0)
+print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+"""
 
 
 def checkpoint_for(size: str) -> Path:
@@ -67,16 +78,19 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     checkpoint = checkpoint_for(args.size)
-    artifact = cache_dir() / f"bench-{args.size}.dg"
-    if not (artifact / "manifest.json").is_file():
-        # The wide embedding of the medium stand-in scales float32 rounding in the logits past 1e-4 (about 2e-3);
-        # its fidelity is what the agreement column measures.
-        validate = ["--no-validate"] if args.size == "medium" else []
-        assert dg_export([str(checkpoint), "-o", str(artifact), "--overwrite", *validate]) == 0
+    artifacts = {}
+    for recipe in dict.fromkeys(recipe for recipe, _, _ in RUNS):
+        artifacts[recipe] = cache_dir() / f"bench-{args.size}-{recipe}.dg"
+        if not (artifacts[recipe] / "manifest.json").is_file():
+            # The wide embedding of the medium stand-in scales float32 rounding in the logits past 1e-4 (about
+            # 2e-3); its fidelity is what the agreement column measures.
+            validate = ["--no-validate"] if args.size == "medium" else []
+            assert dg_export([str(checkpoint), "-o", str(artifacts[recipe]), "--overwrite", "--recipe", recipe,
+                              *validate]) == 0
     from transformers import DiffusionGemmaForBlockDiffusion
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    runtimes = {(b, p): DiffusionGemma(artifact, b, threads=args.threads, precision=p) for b, p in BACKENDS}
+    runtimes = {(r, b, p): DiffusionGemma(artifacts[r], b, threads=args.threads, precision=p) for r, b, p in RUNS}
     first = next(iter(runtimes.values()))
     settings = first.defaults
     canvas, vocab = first.canvas_length, first.vocab_size
@@ -125,19 +139,35 @@ def main(argv=None) -> None:
             total += max(want.shape[1], done.tokens.shape[1])
         results[key] = (time.perf_counter() - started, n_steps, same / total)
 
-    label = {"transformers": "transformers (PyTorch, fp32)", ("onnxruntime", None): "ONNX Runtime fp32",
-             ("openvino", "f32"): "OpenVINO CPU f32", ("openvino", "bf16"): "OpenVINO CPU bf16"}
     name = "embedded demo model" if args.size == "tiny" else "medium stand-in (seeded random weights)"
     print(f"\n{name}: {params / 1e6:.1f} M text parameters, canvas {canvas}, "
           f"{args.threads} threads, {args.seeds} generations of up to {settings.max_new_tokens} tokens "
           f"(max {settings.max_denoising_steps} steps/block)\n")
-    print("| backend | denoiser step ms | step speed-up | generation s | steps | generation speed-up | tokens identical to transformers |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    base_step, base_gen = step_ms["transformers"], results["transformers"][0]
-    for key in ["transformers", *runtimes]:
+    print("| runtime | weights MB | denoiser step ms | vs transformers | vs same backend fp32 | generation s | steps | "
+          "tokens identical to transformers | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base_step = step_ms["transformers"]
+    seconds, n_steps, agree = results["transformers"]
+    print(f"| transformers (PyTorch, fp32) | {4 * params / 1e6:.0f} | {base_step:.1f} | 1.00x | | {seconds:.2f} | "
+          f"{n_steps} | {agree * 100:.1f} % | |")
+    for key in runtimes:
+        recipe, backend, precision = key
+        fp32_step = step_ms[("cpu-fp32", backend, None if backend == "onnxruntime" else "f32")]
         seconds, n_steps, agree = results[key]
-        print(f"| {label[key]} | {step_ms[key]:.1f} | {base_step / step_ms[key]:.2f}x | {seconds:.2f} | {n_steps} | "
-              f"{base_gen / seconds:.2f}x | {agree * 100:.1f} % |")
+        weights = (artifacts[recipe] / "weights.bin").stat().st_size
+        print(f"| {recipe} on {backend}{' ' + precision if precision else ''} | {weights / 1e6:.0f} | "
+              f"{step_ms[key]:.1f} | {base_step / step_ms[key]:.2f}x | {fp32_step / step_ms[key]:.2f}x | {seconds:.2f} | "
+              f"{n_steps} | {agree * 100:.1f} % | {peak_rss(artifacts[recipe], backend, precision, args.threads) / 1e6:.0f} |")
+
+
+def peak_rss(artifact, backend: str, precision: str | None, threads: int) -> int:
+    """Bytes: the peak RSS of a fresh process that loads the artifact and generates one default answer."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(artifact), backend, str(threads), precision or ""],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1]) * 1024
 
 
 if __name__ == "__main__":
