@@ -18,6 +18,7 @@ from dg_runtime.errors import UserError, run_cli
 from . import __version__
 from dg_quantize.roles import DEFAULT_GROUP, Precision
 from dg_quantize.schemes import FORMATS as FORMATS_BY_NAME
+from dg_quantize.source import ArtifactCheckpoint, is_artifact
 
 from .builtin import BUILTIN_ID, builtin_checkpoint
 from .recipes import DEFAULT_RECIPE, load_recipe
@@ -35,8 +36,9 @@ def parse_args(argv):
         allow_abbrev=False,
     )
     parser.add_argument("model", nargs="?", default=BUILTIN_ID,
-                        help=f"hub id or checkpoint folder (default: {BUILTIN_ID}, the embedded tiny model); "
-                             f"{SYNTHETIC_PREFIX}FOLDER streams random weights of the shape in FOLDER/config.json")
+                        help=f"hub id, checkpoint folder or fp32/fp16 artifact folder (default: {BUILTIN_ID}, the "
+                             f"embedded tiny model); {SYNTHETIC_PREFIX}FOLDER streams random weights of the shape in "
+                             "FOLDER/config.json")
     parser.add_argument("-o", "--output", type=Path, help="artifact folder to write (default: ./<model name>.dg)")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE,
                         help=f"target preset from recipes/ or a .json path (default {DEFAULT_RECIPE})")
@@ -105,10 +107,10 @@ def export(args) -> None:
     output = args.output or Path(f"{Path(args.model.replace(':', '-')).name}.dg")
     if output.exists() and not args.overwrite:
         raise UserError(f"output folder {output} exists; pass --overwrite to replace it, or choose another -o")
-    if synthetic and args.validation == "full":
-        raise UserError("a synthetic checkpoint has no weights for transformers to load, so it cannot be validated "
-                        "in full; use --validation by-layer (the default for it)")
-    if not synthetic:
+    if (synthetic or is_artifact(folder)) and args.validation == "full" and not precision.quantized:
+        raise UserError(f"{'a synthetic checkpoint' if synthetic else 'an artifact'} has no weights for transformers "
+                        "to load, so it cannot be validated in full; use --validation by-layer (the default for it)")
+    if not synthetic and not is_artifact(folder):
         check_files(folder)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +181,10 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, precision
     progress = Progress(4 + ("openvino" in formats) + (not args.no_validate))
     with progress.stage(f"reading {args.model}"):
         config = load_config(folder)
-        checkpoint = synthetic_checkpoint(config, raw_config) if synthetic else Checkpoint(folder)
+        if synthetic:
+            checkpoint = synthetic_checkpoint(config, raw_config)
+        else:
+            checkpoint = ArtifactCheckpoint(folder) if is_artifact(folder) else Checkpoint(folder)
         shapes = expected_shapes(config)
     text = config.text_config
     specs = graph_specs(config)
@@ -256,7 +261,8 @@ def write_artifact(args, folder: Path, raw_config: dict, recipe: dict, precision
 
         backends = ["onnxruntime" if f == "onnx" else f for f in formats]
         mode = export_estimate(config, count_parameters(config), args.validation)["validation"]
-        mode = "by-layer" if synthetic else mode
+        if not precision.quantized and (synthetic or is_artifact(folder)):
+            mode = "by-layer"  # transformers cannot load those; quantized exports compare with our own fp32 graphs
         if precision.quantized:
             rows = check_quantized(args, config, checkpoint, weights, staging, manifest, backends, mode, progress)
         else:

@@ -164,3 +164,19 @@ def test_dry_run_sizes_are_what_the_export_writes(tmp_path, recipe):
     assert dg_export(["-o", str(tmp_path / "q.dg"), "--recipe", recipe, "--no-validate"]) == 0
     manifest = json.loads((tmp_path / "q.dg" / "manifest.json").read_text())
     assert manifest["weights"]["stored_bytes"] == planned
+
+
+def test_quantizing_an_artifact_equals_quantizing_the_checkpoint(tmp_path, demo_fp32, capsys):
+    from dg_quantize.cli import main as dg_quantize
+
+    assert dg_quantize([str(demo_fp32), "-o", str(tmp_path / "a.dg"), "--recipe", "cpu-int4-mixed", "--no-validate"]) == 0
+    assert dg_export(["-o", str(tmp_path / "b.dg"), "--recipe", "cpu-int4-mixed", "--no-validate"]) == 0
+    assert (tmp_path / "a.dg" / "weights.bin").read_bytes() == (tmp_path / "b.dg" / "weights.bin").read_bytes()
+    capsys.readouterr()
+    assert dg_quantize(["--report", str(tmp_path / "a.dg")]) == 2  # exported without validation: no report
+    assert "no quality.json" in capsys.readouterr().err
+    assert dg_quantize([str(tmp_path / "a.dg"), "-o", str(tmp_path / "c.dg"), "--weight-format", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert dg_quantize([str(tmp_path), "-o", str(tmp_path / "d.dg"), "--weight-format", "int8"]) == 2
+    assert "not an artifact folder" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("c.dg", "d.dg"))
