@@ -60,8 +60,9 @@ def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None,
     side = (half, [out, blocks, 1])
     parts = g.stored(source, index=index, weight=(TensorProto.UINT4, [out, blocks, scheme.group]), scale=side,
                      **({"zero": side} if not scheme.sym else {}))
-    # OpenVINO matches NNCF's form: a u4 zero-point constant of the scale's shape (8 for symmetric weights).
-    zero = g.op("Cast", parts["zero"], to=half) if "zero" in parts else g.op("Cast", g.uint4_eights([out, blocks, 1]), to=half)
+    # OpenVINO matches NNCF's form: Convert(u4) -> Subtract(a u4 zero point) -> Multiply(scale); symmetric weights
+    # get a zero point of 8 of their own (one constant shared by thousands of weights makes its compile quadratic).
+    zero = parts["zero"] if "zero" in parts else g.op("Cast", g.uint4_eight(f"{source}[{index}]"), to=half)
     values = g.op("Mul", g.op("Sub", g.op("Cast", parts["weight"], to=half), zero), parts["scale"])
     weight = g.op("Cast", g.op("Reshape", values, g.const([out, columns])), to=TensorProto.FLOAT)
     return g.op("MatMul", x, g.op("Transpose", weight, perm=[1, 0]))
@@ -108,12 +109,12 @@ class Graph:
             self._constants[key] = name
         return self._constants[key]
 
-    def uint4_eights(self, shape: list[int]) -> str:
-        """A uint4 constant of eights: the zero point OpenVINO's compressed-weight pattern wants for symmetric int4."""
-        key = ("uint4-eights", tuple(shape))
+    def uint4_eight(self, owner: str) -> str:
+        """A [1, 1, 1] uint4 eight, `owner`'s own: the zero point of symmetric int4 in OpenVINO's pattern."""
+        key = ("uint4-eight", owner)
         if key not in self._constants:
             name = f"const_{len(self._constants)}"
-            self.initializers.append(helper.make_tensor(name, TensorProto.UINT4, shape, np.full(int(np.prod(shape)), 8)))
+            self.initializers.append(helper.make_tensor(name, TensorProto.UINT4, [1, 1, 1], [8]))
             self._constants[key] = name
         return self._constants[key]
 
