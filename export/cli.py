@@ -29,9 +29,9 @@ SYNTHETIC_PREFIX = "synthetic:"  # synthetic:CONFIG_FOLDER streams deterministic
 OWNER_FILE = ".dg-export.pid"  # in a staging folder while its export runs
 
 
-def parse_args(argv):
+def parse_args(argv, prog: str = "dg-export"):
     parser = argparse.ArgumentParser(
-        prog="dg-export",
+        prog=prog,
         description="Export a DiffusionGemma checkpoint (hub id or local folder) to ONNX and/or OpenVINO.",
         allow_abbrev=False,
     )
@@ -392,9 +392,10 @@ def folder_revision(folder: Path) -> str | None:
     return folder.name if folder.parent.name == "snapshots" else None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_cli("dg-export", lambda: export(args))
+def main(argv=None, prog: str = "dg-export") -> int:
+    """`prog` names the command in errors (dg-quantize runs this too)."""
+    args = parse_args(argv, prog)
+    return run_cli(prog, lambda: export(args))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                                                      "dg-export quantizes checkpoints"))
     from dg_export.cli import main as dg_export
 
-    return dg_export([str(args.artifact), *export_args])
+    return dg_export([str(args.artifact), *export_args], prog="dg-quantize")
 
 
 def refuse(message: str):
