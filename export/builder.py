@@ -140,7 +140,7 @@ class Graph:
                 tensor.data_type, dims = views[part]
                 del tensor.dims[:]
                 tensor.dims.extend(dims)
-                tensor.name += f".{TensorProto.DataType.Name(tensor.data_type).lower()}"
+                tensor.name += f".{TensorProto.DataType.Name(tensor.data_type).lower()}[{'x'.join(map(str, dims))}]"
             if tensor.name not in self._weights:
                 self.initializers.append(tensor)
                 self._weights[tensor.name] = tensor.name
