@@ -462,11 +462,8 @@ def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShap
 def lm_head(g: Graph, flat: str, c: ModelShape) -> str:
     """[N, hidden] -> [N, vocab] logits; an int8 head is the embedding's uint8 rows read by MatMulNBits (8 bits,
     zero point 128) on ONNX Runtime, by a compressed MatMul on OpenVINO."""
-    scheme = g.weights.scheme(c.lm_head)
-    if not scheme.quantized:
+    if not g.weights.scheme(c.lm_head).quantized:
         return g.op("Gemm", flat, g.weight(c.lm_head, rows=c.vocab_rows), transB=1)
-    if scheme.format != "int8":
-        raise ValueError("the embedding is stored as int8 or a float")
     block = head_block(c.hidden)
     if g.target == "onnx":
         blocks = c.hidden // block
@@ -474,12 +471,13 @@ def lm_head(g: Graph, flat: str, c: ModelShape) -> str:
                          block_scale=(TensorProto.FLOAT, [c.vocab * blocks]))
         return g.op("MatMulNBits", flat, parts["weight"], parts["block_scale"], domain=CONTRIB, K=c.hidden, N=c.vocab,
                     bits=8, block_size=block, accuracy_level=4)
-    return g.op("MatMul", flat, g.op("Transpose", dequantized_embedding(g, c), perm=[1, 0]))
+    return g.op("MatMul", flat, g.op("Transpose", dequantized_embedding(g, c.lm_head, c), perm=[1, 0]))
 
 
-def dequantized_embedding(g: Graph, c: ModelShape) -> str:
-    """OpenVINO's form of the uint8 embedding: (q - 128) * row scale, folded by its plugin into the MatMul."""
-    parts = g.stored(c.lm_head, "as_is", c.vocab_rows, scale=(TensorProto.FLOAT, [c.vocab, 1]))
+def dequantized_embedding(g: Graph, source: str, c: ModelShape) -> str:
+    """OpenVINO's form of a uint8 embedding (or untied LM head): (q - 128) * row scale, folded by its plugin into
+    the MatMul."""
+    parts = g.stored(source, "as_is", c.vocab_rows, scale=(TensorProto.FLOAT, [c.vocab, 1]))
     values = g.op("Sub", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), g.const(128.0, np.float32))
     return g.op("Mul", values, parts["scale"])
 
@@ -497,7 +495,7 @@ def soft_embedding(g: Graph, probs: str, c: ModelShape) -> str:
                        g.const(np.ones(c.hidden), np.float32), g.const(np.full(c.hidden, 128), np.uint8),
                        domain=CONTRIB)
     else:
-        product = g.op("MatMul", probs, dequantized_embedding(g, c))
+        product = g.op("MatMul", probs, dequantized_embedding(g, source, c))
     return g.op("Mul", product, g.const(c.hidden**0.5, np.float32))
 
 

@@ -147,9 +147,9 @@ class ComponentWeights:
 
 def read_stored(tensor: onnx.TensorProto, folder: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
     """An initializer's array from the weights file, or rows [start, stop) of its first axis."""
-    from .weights import ONNX_TYPES, external_location
+    from .weights import NUMPY_TYPES, external_location
 
-    dtype = {onnx_type: np_type for np_type, onnx_type in ONNX_TYPES.items()}[tensor.data_type]
+    dtype = NUMPY_TYPES[tensor.data_type]
     file, offset, length = external_location(tensor)
     dims = list(tensor.dims)
     if not dims:
@@ -165,29 +165,23 @@ def check_weights_file(checkpoint, weights, folder: Path) -> float:
     stored precision), quantized ones within half a quantization step once dequantized. Compared a chunk of rows
     at a time (a 2-D matrix stored transposed, whole)."""
     from .checkpoint import row_chunks
-    from .weights import decode
+    from .weights import NUMPY_TYPES, decode, transposed
 
     mismatched = 0
     for (source, layout), locations in weights.locations.items():
         scheme, name = weights.schemes[source], weights.resolve(source)
         parts = {part: location.proto() for part, location in locations.items()}
-        transposed = layout == "linear" and scheme.format != "int4"
-        for start, stop in row_chunks(checkpoint.shape(name), whole=transposed and len(parts["weight"].dims) == 2):
+        whole = transposed(layout, scheme) and len(parts["weight"].dims) == 2
+        for start, stop in row_chunks(checkpoint.shape(name), whole=whole):
             stored, tolerance = decode({part: read_stored(t, folder, start, stop) for part, t in parts.items()},
                                        scheme, layout)
             expected = checkpoint.read(name, start, stop)
             if not scheme.quantized:
-                expected = expected.astype(parts_dtype(parts["weight"])).astype(np.float32)
+                expected = expected.astype(NUMPY_TYPES[parts["weight"].data_type]).astype(np.float32)
             if not np.all(np.abs(stored - expected) <= tolerance * (1 + 1e-5) + 1e-30):
                 mismatched += 1
                 break
     return mismatched / max(1, len(weights.locations))
-
-
-def parts_dtype(tensor: onnx.TensorProto):
-    from .weights import ONNX_TYPES
-
-    return {onnx_type: np_type for np_type, onnx_type in ONNX_TYPES.items()}[tensor.data_type]
 
 
 def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], atol: float, batch: int = 2,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
+from dg_quantize.roles import role_of
 from dg_quantize.schemes import Scheme, dequantize_int4, dequantize_int8, int4_groups, int8_channels
 
 from .checkpoint import row_chunks
@@ -19,6 +20,7 @@ WEIGHTS_FILE = "weights.bin"
 STORED = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
               np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8}
+NUMPY_TYPES = {onnx_type: np_type for np_type, onnx_type in ONNX_TYPES.items()}
 # Tensors transformers ties to others; a checkpoint stores one name of each pair.
 ALIASES = (("model.encoder.language_model.", "model.decoder."),)
 
@@ -61,9 +63,7 @@ class Weights:
         return name  # Checkpoint.read says it is missing
 
     def scheme(self, source: str) -> Scheme:
-        """How `source` is stored: vectors in fp32, matrices as the precision says for their role."""
-        shape = self.checkpoint.shape(self.resolve(source))
-        return self.precision.scheme(source, shape[-1]) if len(shape) > 1 else Scheme("fp32")
+        return self.precision.scheme(source, self.checkpoint.shape(self.resolve(source)))
 
     def tensor(self, source: str, layout: str = "as_is", rows: tuple[int, int] | None = None) -> TensorProto:
         """An initializer for a float-stored `source` (see `parts`)."""
@@ -87,7 +87,7 @@ class Weights:
         shape = self.checkpoint.shape(stored)
         scheme = self.schemes[source] = self.scheme(source)
         name = source if layout == "as_is" else f"{source}.{layout}"
-        transpose = layout == "linear" and scheme.format != "int4"  # MatMulNBits reads [out, in] as it is
+        transpose = transposed(layout, scheme)
         values = self._start()
         extra: dict[str, list] = {}
         for start, stop in row_chunks(shape, whole=transpose and len(shape) == 2):
@@ -122,6 +122,12 @@ class Weights:
 
     def stored_bytes(self) -> int:
         return sum(loc.length for parts in self.locations.values() for loc in parts.values())
+
+
+def transposed(layout: str, scheme: Scheme) -> bool:
+    """Whether a tensor is stored with its last two axes swapped: linear weights, except int4 (MatMulNBits reads
+    [out, in] as the checkpoint has it)."""
+    return layout == "linear" and scheme.format != "int4"
 
 
 def encode(chunk: np.ndarray, scheme: Scheme, layout: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -175,7 +181,7 @@ def stored_size(source: str, shape: tuple, scheme: Scheme) -> int:
     if scheme.format == "fp16":
         return 2 * count
     if scheme.format == "int8":
-        block_scale = 4 * rows * (columns // head_block(columns)) if "embed_tokens" in source or source == "lm_head.weight" else 0
+        block_scale = 4 * rows * (columns // head_block(columns)) if role_of(source) == "embedding" else 0
         return count + 4 * rows + block_scale
     groups = count // scheme.group
     return count // 2 + 2 * groups * (1 if scheme.sym else 2)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dg_runtime.generate import DENOISER_OUTPUTS, DiffusionGemma
+from dg_runtime.generate import DiffusionGemma
 
 REPORT_FILE = "quality.json"
 PROMPT_COUNT = 8  # held-out demo problems: in the demo model's domain, as good as any text for random weights

@@ -47,10 +47,9 @@ class Precision:
         spec = dict(weights) if isinstance(weights, dict) else {role: weights for role in ROLES}
         if weight_format is not None:
             spec.update(weight_formats(weight_format))
-        group = group_size if group_size is not None else spec.pop("group_size", DEFAULT_GROUP)
-        spec.pop("group_size", None)
-        symmetric = sym if sym is not None else spec.pop("sym", False)
-        spec.pop("sym", None)
+        group, symmetric = spec.pop("group_size", DEFAULT_GROUP), spec.pop("sym", False)
+        group = group_size if group_size is not None else group
+        symmetric = sym if sym is not None else symmetric
         if set(spec) != set(ROLES):
             raise UserError(f"{where} weights must name a format for each of {', '.join(ROLES)} (got {sorted(spec)})")
         for role, value in spec.items():
@@ -58,15 +57,19 @@ class Precision:
                 raise UserError(f"{where} asks for {value!r} {role} weights; choose one of {', '.join(FORMATS)}")
         if spec["router"] not in FLOAT_FORMATS:
             raise UserError("the router picks the experts and is tiny: keep it at fp32 or fp16")
+        if spec["embedding"] == "int4":
+            raise UserError("the embedding is also the LM head (4-bit logits cost the sampler steps): keep it at int8 "
+                            "or wider")
         if not isinstance(group, int) or isinstance(group, bool) or group < 16 or group & (group - 1):
             raise UserError(f"--group-size must be a power of two of at least 16 (got {group!r})")
         self.formats, self.group, self.sym = spec, group, bool(symmetric)
 
-    def scheme(self, source: str, columns: int) -> Scheme:
-        format_ = self.formats[role_of(source)]
+    def scheme(self, source: str, shape: tuple) -> Scheme:
+        """How a tensor of this name and shape is stored: vectors in fp32, matrices as their role says."""
+        format_ = self.formats[role_of(source)] if len(shape) > 1 else "fp32"
         if format_ != "int4":
             return Scheme(format_)
-        return Scheme("int4", self.group, self.sym).for_columns(columns)
+        return Scheme("int4", self.group, self.sym).for_columns(shape[-1])
 
     @property
     def quantized(self) -> bool:

@@ -14,8 +14,6 @@ from dg_runtime.errors import UserError
 
 from .schemes import FLOAT_FORMATS
 
-NUMPY = {1: np.float32, 10: np.float16}  # TensorProto.FLOAT, FLOAT16
-
 
 def is_artifact(folder: Path) -> bool:
     return (Path(folder) / MANIFEST_NAME).is_file()
@@ -25,7 +23,7 @@ class ArtifactCheckpoint:
     def __init__(self, folder: Path):
         import onnx
 
-        from dg_export.weights import external_location
+        from dg_export.weights import NUMPY_TYPES, external_location
 
         self.folder = Path(folder)
         manifest = load_manifest(self.folder)
@@ -44,7 +42,7 @@ class ArtifactCheckpoint:
                     continue
                 linear = tensor.name.endswith(".linear")
                 name = tensor.name.removesuffix(".linear")
-                self.tensors[name] = (external_location(tensor)[1], np.dtype(NUMPY[tensor.data_type]),
+                self.tensors[name] = (external_location(tensor)[1], np.dtype(NUMPY_TYPES[tensor.data_type]),
                                       tuple(tensor.dims), linear)
         self.weights = self.folder / manifest["formats"]["onnx"]["weights"]
 
