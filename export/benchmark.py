@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dg_runtime import DiffusionGemma, NoiseSource
-from dg_runtime.generate import DENOISER_OUTPUTS
+from dg_runtime.graph import STEP_OUTPUTS
 
 from . import reference
 from .builtin import TEXT_CONFIG, build_checkpoint, builtin_checkpoint, cache_dir
@@ -113,10 +113,9 @@ def main(argv=None) -> None:
     soft = reference.soft_embedding(model, torch.from_numpy(logits)).numpy()
     for key, runtime in runtimes.items():
         kv = runtime.new_cache(1)
-        runtime.encode(kv, prompt)
-        feeds = {"canvas_ids": canvas_ids, "soft_embedding": soft, "position_ids": positions, "temperature": t,
-                 "sample_uniform": uniform, **kv.feeds()}
-        step_ms[key] = median_ms(lambda: runtime.denoiser.run(DENOISER_OUTPUTS, feeds), args.repeats)
+        runtime.graph.encode(kv, prompt)
+        feeds = runtime.graph.denoiser_feeds(kv, canvas_ids, soft, positions, t, uniform)
+        step_ms[key] = median_ms(lambda: runtime.graph.run(STEP_OUTPUTS, feeds), args.repeats)
 
     # Whole generations with the artifact's default settings and the same noise on every side.
     prompts = [rng.integers(5, vocab, (1, 24 + 7 * s)) for s in range(args.seeds)]

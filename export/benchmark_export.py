@@ -96,19 +96,16 @@ def real_depth() -> None:
     print(f"\n*real-depth stand-in: {params / 1e6:.0f} M text parameters (30 layers, 128 experts top-8, vocabulary "
           f"262,144, hidden {NARROW['hidden_size']}), {bf16_bytes(folder) / 1e9:.2f} GB bf16 in shards*\n")
     print(f"export, both formats, {manifest['validation']['mode']} validation: {seconds:.0f} s, peak RSS {peak:.2f} GB\n")
-    print("| backend | load encoder s | load denoiser s | graph nodes (denoiser) | denoiser step ms |")
-    print("|---|---:|---:|---:|---:|")
+    print("| backend | load s | graph nodes | denoiser step ms |")
+    print("|---|---:|---:|---:|")
     import onnx
 
-    nodes = len(onnx.load(str(out / "denoiser.onnx"), load_external_data=False).graph.node)
+    nodes = len(onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
     for backend in ("onnxruntime", "openvino"):
-        loads = {}
-        for graph in ("encoder", "denoiser"):
-            started = time.perf_counter()
-            session = open_graph(out, manifest, graph, backend, precision="f32")
-            loads[graph] = time.perf_counter() - started
-        print(f"| {backend} | {loads['encoder']:.1f} | {loads['denoiser']:.1f} | {nodes} | "
-              f"{denoiser_step_ms(session, manifest):.0f} |", flush=True)
+        started = time.perf_counter()
+        session = open_graph(out, manifest, backend, precision="f32")
+        load = time.perf_counter() - started
+        print(f"| {backend} | {load:.1f} | {nodes} | {denoiser_step_ms(session, manifest):.0f} |", flush=True)
         del session
 
 
@@ -116,7 +113,7 @@ def denoiser_step_ms(session, manifest: dict, past: int = 64, repeats: int = 5) 
     model = manifest["model"]
     canvas, hidden = model["canvas_length"], model["hidden_size"]
     rng = np.random.default_rng(0)
-    feeds = {"canvas_ids": rng.integers(0, model["vocab_size"], (1, canvas)),
+    feeds = {"input_ids": rng.integers(0, model["vocab_size"], (1, canvas)), "denoising": np.array(True),
              "soft_embedding": np.zeros((1, canvas, hidden), np.float32),
              "position_ids": np.arange(past, past + canvas)[None], "temperature": np.array(0.8, np.float32),
              "sample_uniform": rng.random((1, canvas), dtype=np.float32)}

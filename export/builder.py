@@ -1,4 +1,4 @@
-"""The encoder and denoiser graphs, built from the config with one function per transformers module.
+"""The model graph (encoder and denoiser in one), built from the config with one function per transformers module.
 
 Nothing is traced: each function below writes the ONNX nodes of the module it is named after
 (`DiffusionGemmaTextRouter` -> `router`, ...), and asks `Weights` for the checkpoint tensors it needs, which are
@@ -23,7 +23,7 @@ from .weights import head_block
 
 OPSET = 21
 FLOAT_MIN = float(np.finfo(np.float32).min)
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
 CONTRIB = "com.microsoft"  # ONNX Runtime's quantized kernels
 
 
@@ -332,7 +332,7 @@ def expert_matmul(g: Graph, x: str, source: str, c: "ModelShape") -> str:
 
 
 def text_layer(g: Graph, x: str, i: int, c: "ModelShape", rope, past_key: str, past_value: str,
-               mask: str | None, layer_scalar_prefix: str) -> tuple[str, str, str]:
+               mask: str | None, layer_scalar: str) -> tuple[str, str, str]:
     """DiffusionGemma{Encoder,Decoder}TextLayer: attention, then the dense MLP and the routed experts side by side."""
     prefix, eps = f"{c.layers_prefix}.{i}", c.eps
     with g.scope(f"layers.{i}"):
@@ -350,13 +350,14 @@ def text_layer(g: Graph, x: str, i: int, c: "ModelShape", rope, past_key: str, p
                          top_weights, f"{prefix}.experts", c)
         routed = rms_norm(g, g.op("Reshape", routed, g.op("Shape", x)), f"{prefix}.post_feedforward_layernorm_2.weight", eps)
         x = g.op("Add", x, rms_norm(g, g.op("Add", dense, routed), f"{prefix}.post_feedforward_layernorm.weight", eps))
-        return g.op("Mul", x, g.weight(f"{layer_scalar_prefix}.{i}.layer_scalar")), key, value
+        return g.op("Mul", x, layer_scalar), key, value
 
 
 class ModelShape:
     """What the graph functions need from DiffusionGemmaConfig, and the checkpoint's naming."""
 
-    layers_prefix = "model.decoder.layers"  # the encoder's layers are tied to these
+    layers_prefix = "model.decoder.layers"  # the encoder's layers are tied to these, but for their layer scalars
+    encoder_layers_prefix = "model.encoder.language_model.layers"
     embed_prefix = "model.decoder"
 
     def __init__(self, config):
@@ -404,51 +405,55 @@ def rotary_frequencies(text_config) -> dict[str, np.ndarray]:
     return frequencies
 
 
-def build_encoder(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onnx.ModelProto:
-    g = Graph("encoder", weights, target)
-    input_ids, position_ids = g.add_input(spec["inputs"][0]), g.add_input(spec["inputs"][1])
-    past = [g.add_input(e) for e in spec["inputs"][2:]]
-    x = embed_tokens(g, input_ids, c)
+def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onnx.ModelProto:
+    """The encoder and the denoiser in one graph (see graphs.graph_specs): the layers, and so the weights, are
+    shared; `denoising` switches the mask, the layer scalars and the input embedding."""
+    g = Graph("model", weights, target)
+    inputs = {e["name"]: g.add_input(e) for e in spec["inputs"]}
+    input_ids, position_ids, denoising = inputs["input_ids"], inputs["position_ids"], inputs["denoising"]
+    past = [inputs[e["name"]] for e in spec["inputs"] if e["name"].startswith("past.")]
+
+    tokens = embed_tokens(g, input_ids, c)
+    x = g.op("Where", denoising, canvas_embedding(g, tokens, inputs["soft_embedding"], c), tokens)
     rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
     masks = {}
     for i, layer_type in enumerate(c.layer_types):
         if layer_type not in masks:  # every layer of a type has the same past length
             window = c.sliding_window if layer_type == "sliding_attention" else None
-            masks[layer_type] = causal_mask(g, position_ids, past[2 * i], window)
+            # The canvas sees every cached key and itself, bidirectionally.
+            masks[layer_type] = g.op("Or", causal_mask(g, position_ids, past[2 * i], window), denoising)
+    presents = []
     for i, layer_type in enumerate(c.layer_types):
+        scalar = g.op("Where", denoising, g.weight(f"{c.layers_prefix}.{i}.layer_scalar"),
+                      g.weight(f"{c.encoder_layers_prefix}.{i}.layer_scalar"))
         x, key, value = text_layer(g, x, i, c, rope[layer_type], past[2 * i], past[2 * i + 1], masks[layer_type],
-                                   "model.encoder.language_model.layers")
-        g.add_output(key, spec["outputs"][2 * i])
-        g.add_output(value, spec["outputs"][2 * i + 1])
-    return g.model()
+                                   scalar)
+        presents += [key, value]
 
-
-def build_denoiser(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onnx.ModelProto:
-    g = Graph("denoiser", weights, target)
-    canvas_ids, soft_embedding, position_ids, temperature, uniform = (g.add_input(e) for e in spec["inputs"][:5])
-    past = [g.add_input(e) for e in spec["inputs"][5:]]
-    x = canvas_embedding(g, canvas_ids, soft_embedding, c)
-    rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
-    for i, layer_type in enumerate(c.layer_types):
-        # The canvas sees every cached key and itself, bidirectionally: no mask.
-        x, _, _ = text_layer(g, x, i, c, rope[layer_type], past[2 * i], past[2 * i + 1], None, c.layers_prefix)
-    outputs = denoiser_head(g, x, temperature, uniform, c)
+    with g.scope("head_tokens"):
+        head_tokens = g.op("Slice", g.op("Shape", inputs["sample_uniform"]), g.const([1]), g.const([2]))
+        x = g.op("Slice", x, g.op("Neg", head_tokens), g.const([np.iinfo(np.int64).max]), g.const([1]))
+        soft_rows = g.op("Where", denoising, head_tokens, g.const([0]))
+    outputs = denoiser_head(g, x, inputs["temperature"], inputs["sample_uniform"], c, soft_rows)
+    outputs.update(zip((e["name"] for e in spec["outputs"] if e["name"].startswith("present.")), presents))
     for entry in spec["outputs"]:
         g.add_output(outputs[entry["name"]], entry)
     return g.model()
 
 
-def canvas_embedding(g: Graph, canvas_ids: str, soft_embedding: str, c: ModelShape) -> str:
-    """The decoder's input: token embeddings plus DiffusionGemmaSelfConditioning of the previous step's signal."""
-    x = embed_tokens(g, canvas_ids, c)
+def canvas_embedding(g: Graph, tokens: str, soft_embedding: str, c: ModelShape) -> str:
+    """The decoder's input: the canvas' token embeddings plus DiffusionGemmaSelfConditioning of the previous
+    step's signal."""
     with g.scope("self_conditioning"):
         signal = mlp(g, rms_norm(g, soft_embedding, "model.decoder.self_conditioning.pre_norm.weight", c.eps),
                      "model.decoder.self_conditioning")
-        return rms_norm(g, g.op("Add", x, signal), None, c.eps)
+        return rms_norm(g, g.op("Add", tokens, signal), None, c.eps)
 
 
-def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShape) -> dict[str, str]:
-    """Final norm, the tied lm_head with its softcap, and the sampling head: the denoiser's outputs by name."""
+def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShape, soft_rows: str | None = None
+                  ) -> dict[str, str]:
+    """Final norm, the tied lm_head with its softcap, and the sampling head: the head's outputs by name.
+    `soft_rows` ([1]) limits the next soft embedding to the first rows (none when encoding); None: all of them."""
     x = rms_norm(g, x, "model.decoder.norm.weight", c.eps)
     with g.scope("lm_head"):  # usually tied to the embedding: read transposed, so it is stored once
         flat = g.op("Reshape", x, g.const([-1, c.hidden]))
@@ -456,7 +461,7 @@ def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShap
                       g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])), g.const([c.vocab]), axis=0))
         softcap = g.const(c.softcap, np.float32)
         logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, softcap)), softcap)
-    return {**sampling_head(g, logits, temperature, uniform, c), "logits": logits}
+    return {**sampling_head(g, logits, temperature, uniform, c, soft_rows), "logits": logits}
 
 
 def lm_head(g: Graph, flat: str, c: ModelShape) -> str:
@@ -499,7 +504,7 @@ def soft_embedding(g: Graph, probs: str, c: ModelShape) -> str:
     return g.op("Mul", product, g.const(c.hidden**0.5, np.float32))
 
 
-def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, c: ModelShape) -> dict:
+def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, c: ModelShape, soft_rows: str | None) -> dict:
     """The vocabulary-sized work of a step, kept in the graph: tempering, softmax, entropy, argmax, an
     inverse-CDF sample with the supplied uniform, and the next step's soft embedding (probs @ embedding * sqrt(H))."""
     with g.scope("sampling_head"):
@@ -514,12 +519,13 @@ def sampling_head(g: Graph, logits: str, temperature: str, uniform: str, c: Mode
         below = g.op("LessOrEqual", g.op("CumSum", probs, g.const(-1)), g.op("Unsqueeze", uniform, g.const([-1])))
         count = g.op("ReduceSum", g.op("Cast", below, to=TensorProto.FLOAT), g.const([-1]), keepdims=0)
         sampled = g.op("Min", g.op("Cast", count, to=TensorProto.INT64), g.const(c.vocab - 1))
+        if soft_rows is not None:
+            probs = g.op("Slice", probs, g.const([0]), soft_rows, g.const([1]))
         soft = soft_embedding(g, probs, c)
         return {"argmax": argmax, "sampled": sampled, "entropy": entropy, "next_soft_embedding": soft}
 
 
 def build_graphs(config, weights, target: str = "onnx") -> dict[str, onnx.ModelProto]:
-    """The encoder and denoiser for one target ("onnx" or "openvino": they differ only in quantized weights)."""
+    """The artifact's graphs for one target ("onnx" or "openvino": they differ only in quantized weights)."""
     shape, specs = ModelShape(config), graph_specs(config)
-    return {"encoder": build_encoder(shape, specs["encoder"], weights, target),
-            "denoiser": build_denoiser(shape, specs["denoiser"], weights, target)}
+    return {"model": build_model(shape, specs["model"], weights, target)}

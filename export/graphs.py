@@ -1,4 +1,4 @@
-"""The two graphs' interfaces, derived from the model config alone.
+"""The graph's interface, derived from the model config alone.
 
 One description serves the graph builder (input and output names, dtypes, symbolic shapes), the manifest
 (which the runtime checks its sessions against) and `--dry-run`.
@@ -28,34 +28,38 @@ def _kv_tensors(layout, prefix: str, length_axis) -> list[dict]:
 
 
 def graph_specs(config) -> dict:
+    """The artifact's one graph. The encoder and the denoiser are the same layers with other masks, layer scalars and
+    inputs, so one graph runs both and its weights are loaded once: `denoising` picks the mode.
+
+    - encoding (denoising false): new tokens with a causal (and sliding-window) mask, the encoder's layer scalars;
+      soft_embedding is one zero row, ignored.
+    - denoising: the canvas, every position sees the cache and the whole canvas, the decoder's layer scalars, the
+      previous step's soft embedding through self-conditioning.
+    The head (final norm, LM head, sampling) reads the last `head_tokens` positions, as many as sample_uniform has:
+    the whole canvas when denoising, the last token when encoding (its argmax is the autoregressive next token).
+    The next soft embedding is computed only when denoising ([B, 0, H] otherwise).
+    """
     text = config.text_config
     layout = kv_layout(text)
-    canvas, hidden, vocab = config.canvas_length, text.hidden_size, text.vocab_size
-    past = _kv_tensors(layout, "past", None)
+    hidden, vocab = text.hidden_size, text.vocab_size
     return {
-        "encoder": {
+        "model": {
             "inputs": [
-                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]},
-                {"name": "position_ids", "dtype": "int64", "shape": ["batch", "new_tokens"]},
-                *past,
-            ],
-            "outputs": _kv_tensors(layout, "present", "new_tokens"),
-        },
-        "denoiser": {
-            "inputs": [
-                {"name": "canvas_ids", "dtype": "int64", "shape": ["batch", canvas]},
-                {"name": "soft_embedding", "dtype": "float32", "shape": ["batch", canvas, hidden]},
-                {"name": "position_ids", "dtype": "int64", "shape": ["batch", canvas]},
+                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
+                {"name": "position_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
+                {"name": "soft_embedding", "dtype": "float32", "shape": ["batch", "soft_tokens", hidden]},
+                {"name": "denoising", "dtype": "bool", "shape": []},
                 {"name": "temperature", "dtype": "float32", "shape": []},
-                {"name": "sample_uniform", "dtype": "float32", "shape": ["batch", canvas]},
-                *past,
+                {"name": "sample_uniform", "dtype": "float32", "shape": ["batch", "head_tokens"]},
+                *_kv_tensors(layout, "past", None),
             ],
             "outputs": [
-                {"name": "argmax", "dtype": "int64", "shape": ["batch", canvas]},
-                {"name": "sampled", "dtype": "int64", "shape": ["batch", canvas]},
-                {"name": "entropy", "dtype": "float32", "shape": ["batch", canvas]},
-                {"name": "next_soft_embedding", "dtype": "float32", "shape": ["batch", canvas, hidden]},
-                {"name": "logits", "dtype": "float32", "shape": ["batch", canvas, vocab]},
+                *_kv_tensors(layout, "present", "tokens"),
+                {"name": "argmax", "dtype": "int64", "shape": ["batch", "head_tokens"]},
+                {"name": "sampled", "dtype": "int64", "shape": ["batch", "head_tokens"]},
+                {"name": "entropy", "dtype": "float32", "shape": ["batch", "head_tokens"]},
+                {"name": "next_soft_embedding", "dtype": "float32", "shape": ["batch", "soft_rows", hidden]},
+                {"name": "logits", "dtype": "float32", "shape": ["batch", "head_tokens", vocab]},
             ],
         },
     }

@@ -27,9 +27,12 @@ def soft_embedding(model, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(model, cache: DynamicCache, input_ids: np.ndarray, start: int) -> None:
+def encode(model, cache: DynamicCache, input_ids: np.ndarray, start: int) -> np.ndarray:
+    """Fill the cache; returns the autoregressive next token after the last input ([B]): the argmax of the LM head
+    on the encoder's (normed) last hidden state."""
     positions = torch.arange(start, start + input_ids.shape[1])[None]
-    model.model.encoder(input_ids=torch.from_numpy(input_ids), cache=cache, position_ids=positions)
+    hidden = model.model.encoder(input_ids=torch.from_numpy(input_ids), cache=cache, position_ids=positions)
+    return model.lm_head(hidden.last_hidden_state[:, -1]).argmax(-1).numpy()
 
 
 def cache_arrays(cache: DynamicCache) -> list[np.ndarray]:

@@ -14,11 +14,13 @@ import torch
 from transformers import DynamicCache
 
 from dg_runtime.backends import open_graph
+from dg_runtime.graph import ModelGraph
 from dg_runtime.kv_cache import KVCache
 
 from . import reference
 
-INTEGER_OUTPUTS = ("argmax", "sampled", "tensors unlike the checkpoint")
+INTEGER_OUTPUTS = ("argmax", "sampled", "tensors unlike the checkpoint", "next token after prompt",
+                   "next token after next chunk")
 EXPERT_SAMPLE = 16
 VOCAB_SAMPLE = 16384
 
@@ -87,9 +89,9 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
     chunk = rng.integers(0, text.vocab_size, (batch, chunk_length))
 
     cache = DynamicCache(config=text)
-    reference.encode(model, cache, prompt, 0)
+    next_after_prompt = reference.encode(model, cache, prompt, 0)
     after_prompt = [a.copy() for a in reference.cache_arrays(cache)]
-    reference.encode(model, cache, chunk, prompt.shape[1])
+    next_after_chunk = reference.encode(model, cache, chunk, prompt.shape[1])
     after_chunk = reference.cache_arrays(cache)
 
     start = prompt.shape[1] + chunk.shape[1]
@@ -104,19 +106,18 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
     rows = []
     for backend in backends:
         # The graphs' own fidelity, in f32, whatever precision the recipe asks the runtime to compute in.
-        encoder = open_graph(folder, manifest, "encoder", backend, precision="f32")
-        denoiser = open_graph(folder, manifest, "denoiser", backend, precision="f32")
+        graph = ModelGraph(open_graph(folder, manifest, backend, precision="f32"), text.hidden_size)
         kv = KVCache(manifest["model"]["kv_layout"], text.sliding_window, batch)
-        for ids, want, label in ((prompt, after_prompt, "prompt"), (chunk, after_chunk, "next chunk")):
-            positions_new = np.broadcast_to(np.arange(kv.length, kv.length + ids.shape[1]), ids.shape).copy()
-            presents = encoder.run(encoder.output_names, {"input_ids": ids, "position_ids": positions_new, **kv.feeds()})
-            kv.append(presents)
+        for ids, want, want_next, label in ((prompt, after_prompt, next_after_prompt, "prompt"),
+                                            (chunk, after_chunk, next_after_chunk, "next chunk")):
+            next_token = graph.encode(kv, ids)
             diff = max(compare(w, t) for w, t in zip(want, kv.tensors))
             rows.append({"backend": backend, "graph": "encoder", "output": f"KV after {label}", "diff": diff})
+            rows.append({"backend": backend, "graph": "encoder", "output": f"next token after {label}",
+                         "diff": float(np.mean(next_token != want_next))})
         names = list(expected)
-        feeds = {"canvas_ids": canvas_ids, "soft_embedding": soft, "position_ids": positions,
-                 "temperature": temperature, "sample_uniform": uniform, **kv.feeds()}
-        for name, actual in zip(names, denoiser.run(names, feeds)):
+        feeds = graph.denoiser_feeds(kv, canvas_ids, soft, positions, temperature, uniform)
+        for name, actual in zip(names, graph.run(names, feeds)):
             diff = output_difference(name, expected, actual, temperature, uniform)
             rows.append({"backend": backend, "graph": "denoiser", "output": name, "diff": diff})
     return mark_ok(rows, atol)
@@ -242,8 +243,9 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
             mask = None
             if side == "encoder":
                 mask = builder.causal_mask(g, pos, pk, text.sliding_window if layer_type == "sliding_attention" else None)
-            prefix = "model.encoder.language_model.layers" if side == "encoder" else shape.layers_prefix
-            out, key, value = builder.text_layer(g, x, i, shape, rope, pk, pv, mask, prefix)
+            prefix = shape.encoder_layers_prefix if side == "encoder" else shape.layers_prefix
+            out, key, value = builder.text_layer(g, x, i, shape, rope, pk, pv, mask,
+                                                 g.weight(f"{prefix}.{i}.layer_scalar"))
             for value_name, entry in zip((out, key, value), output_io(text, layout)[:3 if side == "encoder" else 1]):
                 g.add_output(value_name, entry)
             check(f"{side}.layers.{i}", g, {"hidden_states": hidden, "position_ids": positions, "past_key": past_key,
@@ -258,7 +260,7 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
     g = builder.Graph("canvas_embedding", weights)
     ids = g.add_input({"name": "canvas_ids", "dtype": "int64", "shape": ["batch", canvas]})
     soft_in = g.add_input({"name": "soft_embedding", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
-    g.add_output(builder.canvas_embedding(g, ids, soft_in, shape),
+    g.add_output(builder.canvas_embedding(g, builder.embed_tokens(g, ids, shape), soft_in, shape),
                  {"name": "hidden_states", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
     check("canvas_embedding", g, {"canvas_ids": canvas_ids, "soft_embedding": soft},
           lambda tensor: {"hidden_states": reference_canvas_embedding(hf, text, tensor, canvas_ids, soft)})
@@ -273,7 +275,7 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
     t = g.add_input({"name": "temperature", "dtype": "float32", "shape": []})
     u = g.add_input({"name": "sample_uniform", "dtype": "float32", "shape": ["batch", "rows"]})
     spec = [{**e, "shape": ["batch", "rows", *([shape.vocab] if e["name"] == "logits" else e["shape"][2:])]}
-            for e in builder.graph_specs(config)["denoiser"]["outputs"]]
+            for e in builder.graph_specs(config)["model"]["outputs"] if not e["name"].startswith("present.")]
     outputs = builder.denoiser_head(g, x, t, u, shape)
     for entry in spec:
         g.add_output(outputs[entry["name"]], entry)

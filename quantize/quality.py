@@ -22,46 +22,34 @@ PROMPT_COUNT = 8  # held-out demo problems: in the demo model's domain, as good 
 
 
 class TeacherForced:
-    """Stands in for the quantized model's graphs: runs them, then the fp32 graphs on the same inputs (the fp32
-    encoder keeps its own KV cache of the same tokens), and records each step's comparison."""
+    """Stands in for the quantized model's graph session: runs it, then the fp32 graph on the same inputs (the fp32
+    side keeps its own KV cache of the same tokens), and records each denoising step's comparison."""
 
     def __init__(self, model: DiffusionGemma, reference: DiffusionGemma):
         self.model, self.reference = model, reference
-        self.encoder, self.denoiser = model.encoder, model.denoiser
+        self.session = model.graph.session
+        self.output_names = self.session.output_names
         self.cache = reference.new_cache(1)
         self.agreement, self.kl = [], []
 
     def __enter__(self):
-        self.model.encoder, self.model.denoiser = self._Encoder(self), self._Denoiser(self)
+        self.model.graph.session = self
         return self
 
     def __exit__(self, *exc):
-        self.model.encoder, self.model.denoiser = self.encoder, self.denoiser
+        self.model.graph.session = self.session
 
-    class _Encoder:
-        def __init__(self, outer):
-            self.outer, self.output_names = outer, outer.encoder.output_names
-
-        def run(self, names, feeds):
-            outer = self.outer
-            fresh = {k: v for k, v in feeds.items() if not k.startswith("past.")}
-            reference = outer.reference.encoder
-            outer.cache.append(reference.run(reference.output_names, {**fresh, **outer.cache.feeds()}))
-            return outer.encoder.run(names, feeds)
-
-    class _Denoiser:
-        def __init__(self, outer):
-            self.outer = outer
-
-        def run(self, names, feeds):
-            outer = self.outer
-            fresh = {k: v for k, v in feeds.items() if not k.startswith("past.")}
-            *outputs, logits = outer.denoiser.run([*names, "logits"], feeds)
-            reference_argmax, reference_logits = outer.reference.denoiser.run(
-                ["argmax", "logits"], {**fresh, **outer.cache.feeds()})
-            outer.agreement.append(float(np.mean(outputs[names.index("argmax")] == reference_argmax)))
-            outer.kl.append(kl_divergence(reference_logits, logits, float(feeds["temperature"])))
-            return outputs
+    def run(self, names, feeds):
+        fresh = {k: v for k, v in feeds.items() if not k.startswith("past.")}
+        reference = self.reference.graph
+        if not feeds["denoising"]:
+            self.cache.append(reference.run(reference.present_names, {**fresh, **self.cache.feeds()}))
+            return self.session.run(names, feeds)
+        *outputs, logits = self.session.run([*names, "logits"], feeds)
+        reference_argmax, reference_logits = reference.run(["argmax", "logits"], {**fresh, **self.cache.feeds()})
+        self.agreement.append(float(np.mean(outputs[names.index("argmax")] == reference_argmax)))
+        self.kl.append(kl_divergence(reference_logits, logits, float(feeds["temperature"])))
+        return outputs
 
 
 def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray, temperature: float) -> float:

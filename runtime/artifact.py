@@ -11,8 +11,8 @@ from pathlib import Path
 from .errors import UserError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
-GRAPH_NAMES = ("encoder", "denoiser")
+FORMAT_VERSION = 2  # 2: one graph for the encoder and the denoiser
+GRAPH_NAMES = ("model",)
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
@@ -78,8 +78,8 @@ SCHEMA = {
               "sliding_window": INT, "kv_layout": [{"type": TEXT, "kv_heads": INT, "head_dim": INT}],
               "max_position_embeddings": INT, "eos_token_ids": [INT], "pad_token_id": INT},
     "openvino": {"inference_precision": TEXT},
-    "graphs": {"encoder": GRAPH, "denoiser": GRAPH},
-    "formats": {str: {"graphs": {"encoder": TEXT, "denoiser": TEXT}, "weights": TEXT}},
+    "graphs": {"model": GRAPH},
+    "formats": {str: {"graphs": {"model": TEXT}, "weights": TEXT}},
     "files": {str: {"bytes": INT, "sha256": TEXT}},
 }
 

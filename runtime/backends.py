@@ -44,8 +44,8 @@ class OpenVinoGraph:
         model = core.read_model(str(xml), str(weights)) if weights else core.read_model(str(xml))
         self.compiled = core.compile_model(model, device, config)
         self._requests = threading.local()  # an infer request runs one inference at a time: one per thread
-        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
-        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        self.input_names = [graph_name(p) for p in self.compiled.inputs]
+        self.output_names = [graph_name(p) for p in self.compiled.outputs]
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         request = getattr(self._requests, "request", None)
@@ -55,9 +55,14 @@ class OpenVinoGraph:
         return [request.get_tensor(name).data.copy() for name in outputs]
 
 
-def open_graph(folder: Path, manifest: dict, graph: str, backend: str, device: str = "CPU",
-               threads: int | None = None, precision: str | None = None):
-    """Open one graph of an artifact on a backend, and check its inputs against the manifest."""
+def graph_name(port) -> str:
+    """The ONNX graph's own name of an OpenVINO port; a port also carries its producer's names ("layers.0/...:0")."""
+    return min(port.get_names(), key=lambda name: ("/" in name or ":" in name, name))
+
+
+def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", threads: int | None = None,
+               precision: str | None = None, graph: str = "model"):
+    """Open a graph of an artifact on a backend, and check its inputs against the manifest."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     fmt = "onnx" if backend == "onnxruntime" else "openvino"

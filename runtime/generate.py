@@ -1,8 +1,8 @@
 """The block-diffusion loop over an exported artifact (DESIGN.md section 1, in order).
 
-    encode new tokens -> KV                       (encoder graph)
+    encode new tokens -> KV                       (the graph, causal mode)
     per block: canvas of uniform random tokens
-      per step (counting down):  denoise          (denoiser graph: argmax, sampled, entropy, soft embedding)
+      per step (counting down):  denoise          (the graph, denoising mode: argmax, sampled, entropy, soft embedding)
                                  accept / renoise (entropy bound)
                                  stop when stable and confident
       commit the argmax canvas; EOS ends a row, pad after it
@@ -20,12 +20,11 @@ import numpy as np
 from .artifact import load_manifest
 from .backends import open_graph
 from .errors import UserError
+from .graph import STEP_OUTPUTS, ModelGraph
 from .kv_cache import KVCache
 from .noise import NoiseSource
 from .sampler import StableAndConfident, entropy_bound_accept, finalize_block, temperature
 from .text import TextCodec
-
-DENOISER_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
 
 
 @dataclass(frozen=True)
@@ -143,18 +142,12 @@ class DiffusionGemma:
         generation = self.folder / "generation_config.json"
         self.defaults = Settings.from_generation_config(json.loads(generation.read_text()) if generation.is_file() else {})
         self.text = TextCodec(self.folder)
-        self.encoder = open_graph(self.folder, self.manifest, "encoder", self.backend, device, threads, precision)
-        self.denoiser = open_graph(self.folder, self.manifest, "denoiser", self.backend, device, threads, precision)
+        self.graph = ModelGraph(open_graph(self.folder, self.manifest, self.backend, device, threads, precision),
+                                self.hidden_size)
         self.load_ms = (time.perf_counter() - started) * 1000
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.kv_layout, self.sliding_window, batch)
-
-    def encode(self, cache: KVCache, ids: np.ndarray) -> None:
-        """Run the encoder on tokens not yet cached and append their KV."""
-        positions = np.broadcast_to(np.arange(cache.length, cache.length + ids.shape[1]), ids.shape)
-        feeds = {"input_ids": ids.astype(np.int64), "position_ids": np.ascontiguousarray(positions), **cache.feeds()}
-        cache.append(self.encoder.run(self.encoder.output_names, feeds))
 
     def stream(self, input_ids, settings: Settings | None = None, seed: int = 0, cache: KVCache | None = None,
                noise: NoiseSource | None = None):
@@ -178,7 +171,7 @@ class DiffusionGemma:
 
         for index in range(math.ceil(settings.max_new_tokens / self.canvas_length)):
             encode_started = time.perf_counter()
-            self.encode(cache, pending)
+            self.graph.encode(cache, pending)
             if index == 0:
                 stats.prefill_ms = (time.perf_counter() - encode_started) * 1000
 
@@ -212,14 +205,13 @@ class DiffusionGemma:
         stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold, shape)
         done = np.zeros(shape[0], dtype=bool)
         seconds = 0.0
-        past = cache.feeds()
         for step in range(settings.max_denoising_steps, 0, -1):
             forward_passes += ~(done | finished)
             t = temperature(step, settings.max_denoising_steps, settings.t_min, settings.t_max)
-            feeds = {"canvas_ids": canvas, "soft_embedding": soft, "position_ids": positions,
-                     "temperature": np.array(t, dtype=np.float32), "sample_uniform": noise.uniforms(shape), **past}
+            feeds = self.graph.denoiser_feeds(cache, canvas, soft, positions, np.array(t, dtype=np.float32),
+                                              noise.uniforms(shape))
             started = time.perf_counter()
-            new_argmax, sampled, entropy, new_soft = self.denoiser.run(DENOISER_OUTPUTS, feeds)
+            new_argmax, sampled, entropy, new_soft = self.graph.run(STEP_OUTPUTS, feeds)
             seconds += time.perf_counter() - started
 
             accepted = entropy_bound_accept(entropy, settings.entropy_bound)

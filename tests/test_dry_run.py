@@ -19,7 +19,7 @@ def test_dry_run_plans_the_26b_model():
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # kilobytes on Linux
     assert result.returncode == 0, result.stderr
     assert "25.25 B unique (22.84 B in experts, 0.74 B tied embedding), 3.84 B active per token" in result.stdout
-    assert "canvas_ids" in result.stdout and "past.{0..29}.{key,value}" in result.stdout
+    assert "denoising" in result.stdout and "past.{0..29}.{key,value}" in result.stdout
     assert "weights streamed one chunk at a time, by-layer validation" in result.stdout
     # issue 8: the laptop recipe fits a 16 GB budget with room for the runtime
     int4_mixed = next(line for line in result.stdout.splitlines() if line.strip().startswith("cpu-int4-mixed"))

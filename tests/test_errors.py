@@ -112,10 +112,10 @@ def edit_manifest(artifact, change):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    (lambda a: (a / "denoiser.onnx").unlink(), "missing"),
+    (lambda a: (a / "model.onnx").unlink(), "missing"),
     (lambda a: (a / "manifest.json").unlink(), "no manifest.json"),
     (lambda a: edit_manifest(a, lambda m: m.update(format_version=99)), "format version 99"),
-    (lambda a: edit_manifest(a, lambda m: m["graphs"]["encoder"]["inputs"].pop()), "inputs"),
+    (lambda a: edit_manifest(a, lambda m: m["graphs"]["model"]["inputs"].pop()), "inputs"),
 ])
 def test_broken_artifact(artifact_copy, capsys, damage, expected):
     damage(artifact_copy)

@@ -28,9 +28,9 @@ def test_artifact_is_self_describing_and_stores_weights_once(exported, hf_model)
     checkpoint, artifact = exported("gqa-window12")
     manifest = load_manifest(artifact, verify_checksums=True)
     assert manifest["modalities"] == ["text"]
-    assert set(manifest["graphs"]) == {"encoder", "denoiser"}
+    assert set(manifest["graphs"]) == {"model"}  # the encoder and the denoiser share one graph and its weights
     params = sum(p.numel() for n, p in hf_model(checkpoint).named_parameters() if "vision" not in n)
-    # one weights file for both graphs and both formats, about 1x the fp32 parameter bytes
+    # one weights file for both modes and both formats, about 1x the fp32 parameter bytes
     assert manifest["formats"]["onnx"]["weights"] == manifest["formats"]["openvino"]["weights"] == "weights.bin"
     weights = (artifact / "weights.bin").stat().st_size
     assert 4 * params <= weights <= 1.05 * 4 * params, (weights, 4 * params)
@@ -39,6 +39,6 @@ def test_artifact_is_self_describing_and_stores_weights_once(exported, hf_model)
         inline = [t.name for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
                   and len(t.raw_data) >= 1024]
         assert not inline, inline
-    graph_files = {"encoder.onnx", "denoiser.onnx", "encoder.xml", "denoiser.xml", "weights.bin"}
+    graph_files = {"model.onnx", "model.xml", "weights.bin"}
     assert graph_files <= {p.name for p in artifact.iterdir()}
     assert all(np.isfinite(r["diff"]) and r["ok"] for r in manifest["validation"]["results"])

@@ -110,14 +110,14 @@ def test_quantized_graphs_keep_weights_narrow(tmp_path, checkpoint):
     artifact = tmp_path / "q.dg"
     assert dg_export([str(checkpoint), "-o", str(artifact), "--recipe", "cpu-int4-mixed",
                       "--group-size", "32", "--no-validate"]) == 0
-    model = onnx.load(str(artifact / "denoiser.onnx"), load_external_data=False)
+    model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
     kernels = {node.op_type for node in model.graph.node if node.domain == "com.microsoft"}
     assert kernels == {"MatMulNBits", "DynamicQuantizeMatMul"}
     stored = {t.data_type for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     assert TensorProto.FLOAT16 in stored and TensorProto.INT8 in stored and TensorProto.UINT8 in stored
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(artifact / "denoiser.xml"), str(artifact / "weights.bin")),
+    compiled = core.compile_model(core.read_model(str(artifact / "model.xml"), str(artifact / "weights.bin")),
                                   "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     weight_types = {str(op.input(1).get_element_type()) for op in compiled.get_runtime_model().get_ordered_ops()
                     if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"

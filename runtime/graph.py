@@ -1,0 +1,41 @@
+"""The artifact's one graph in its two modes (export/graphs.py describes it): encoding new tokens into the KV
+cache, and a denoising step over the canvas. The encoder and the denoiser share the graph so that their weights
+are loaded once."""
+
+import numpy as np
+
+from .kv_cache import KVCache
+
+STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
+
+
+class ModelGraph:
+    def __init__(self, session, hidden_size: int):
+        self.session, self.hidden_size = session, hidden_size
+        self.present_names = [n for n in session.output_names if n.startswith("present.")]
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(outputs, feeds)
+
+    def encoder_feeds(self, cache: KVCache, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Causal mode over tokens not yet cached; the head reads only the last one."""
+        batch, new = ids.shape
+        return {"input_ids": ids.astype(np.int64),
+                "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(cache.length, cache.length + new), ids.shape)),
+                "soft_embedding": np.zeros((batch, 1, self.hidden_size), np.float32),
+                "denoising": np.array(False), "temperature": np.array(1.0, np.float32),
+                "sample_uniform": np.zeros((batch, 1), np.float32), **cache.feeds()}
+
+    def encode(self, cache: KVCache, ids: np.ndarray) -> np.ndarray:
+        """Append the KV of `ids` ([B, N]) to the cache; returns the argmax after the last one ([B]): the
+        autoregressive next token."""
+        *presents, argmax = self.run([*self.present_names, "argmax"], self.encoder_feeds(cache, ids))
+        cache.append(presents)
+        return argmax[:, -1]
+
+    @staticmethod
+    def denoiser_feeds(cache: KVCache, canvas: np.ndarray, soft: np.ndarray, positions: np.ndarray,
+                       temperature: np.ndarray, uniform: np.ndarray) -> dict[str, np.ndarray]:
+        """Bidirectional mode over the canvas; the head reads all of it."""
+        return {"input_ids": canvas, "position_ids": positions, "soft_embedding": soft, "denoising": np.array(True),
+                "temperature": temperature, "sample_uniform": uniform, **cache.feeds()}
