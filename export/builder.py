@@ -5,10 +5,11 @@ Nothing is traced: each function below writes the ONNX nodes of the module it is
 streamed into the shared weights file as the graph is built. The graph protos hold only tensor locations, so
 building the 26B shape takes seconds and little memory; graph size grows with layers, not with experts.
 
-The routed experts run as a capacity dispatch: every (token, expert) pair gets a slot in an
-[experts, capacity, hidden] buffer (capacity = the largest number of tokens any expert received, computed in the
-graph), both projections are one batched MatMul over all experts, and each pair's result is gathered back and
-weighted. It computes exactly transformers' experts; its cost is capacity/mean-load times the sparse cost.
+Float experts run as a capacity dispatch: every (token, expert) pair gets a slot in an [experts, capacity, hidden]
+buffer (capacity = the largest number of tokens any expert received, computed in the graph), both projections are
+one batched MatMul over all experts, and each pair's result is gathered back and weighted; its cost is
+capacity / mean load times the sparse cost (8-11x with a random router at the 26B's shape). Quantized kernels are
+2-D, so quantized experts sort the pairs by expert and give each expert exactly its rows: no padding.
 """
 
 import copy
@@ -289,42 +290,69 @@ def router(g: Graph, flat: str, prefix: str, c: "ModelShape") -> tuple[str, str]
 
 
 def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, c: "ModelShape") -> str:
-    """DiffusionGemmaTextExperts as a capacity dispatch (see the module docstring). flat [N, H] -> [N, H]."""
-    num_experts, top_k, width = c.num_experts, c.top_k, c.expert_width
+    """DiffusionGemmaTextExperts: every (token, expert) pair through its expert, weighted and summed per token.
+    flat [N, H] -> [N, H]. Float experts run as a capacity dispatch (see the module docstring); quantized kernels
+    are 2-D, so quantized experts run on the pairs sorted by expert, each expert's rows through its own MatMul."""
     with g.scope("experts"):
         pair_expert = g.op("Reshape", top_index, g.const([-1]))  # [N*K], token-major
         one_hot = g.op("Cast", g.op("Equal", g.op("Unsqueeze", pair_expert, g.const([1])),
-                                    g.const(np.arange(num_experts)[None])), to=TensorProto.INT64)  # [N*K, E]
-        # A pair's slot is the number of earlier pairs routed to the same expert.
-        slot = g.op("Sub", g.op("ReduceSum", g.op("Mul", g.op("CumSum", one_hot, g.const(0)), one_hot), g.const([1]),
-                                keepdims=0), g.const(1))
-        capacity = g.op("ReduceMax", g.op("ReduceSum", one_hot, g.const([0]), keepdims=0), g.const([0]), keepdims=1)
-        where = g.op("Concat", g.op("Unsqueeze", pair_expert, g.const([1])), g.op("Unsqueeze", slot, g.const([1])), axis=1)
+                                    g.const(np.arange(c.num_experts)[None])), to=TensorProto.INT64)  # [N*K, E]
         pairs = g.op("Squeeze", g.op("Shape", pair_expert), g.const([0]))
-        pair_token = g.op("Div", g.op("Range", g.const(0), pairs, g.const(1)), g.const(top_k))
         hidden = g.op("Slice", g.op("Shape", flat), g.const([1]), g.const([2]))
-        empty = g.op("ConstantOfShape", g.op("Concat", g.const([num_experts]), capacity, hidden, axis=0),
-                     value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-        dispatched = g.op("ScatterND", empty, where, g.op("Gather", flat, pair_token, axis=0))  # [E, C, H]
-
-        gate_up = expert_matmul(g, dispatched, f"{prefix}.gate_up_proj", c)  # [E, C, 2W]
-        gate, up = g.op("Split", gate_up, g.const([width, width]), axis=-1, outputs=2)
-        out = expert_matmul(g, g.op("Mul", gelu_tanh(g, gate), up), f"{prefix}.down_proj", c)
-
-        per_pair = g.op("Mul", g.op("GatherND", out, where), g.op("Reshape", top_weights, g.const([-1, 1])))
-        return g.op("ReduceSum", g.op("Reshape", per_pair, g.op("Concat", g.const([-1, top_k]), hidden, axis=0)),
+        if g.weights.scheme(f"{prefix}.gate_up_proj").quantized:
+            per_pair = experts_by_sorting(g, flat, pair_expert, one_hot, pairs, prefix, c)
+        else:
+            per_pair = experts_by_capacity(g, flat, pair_expert, one_hot, pairs, hidden, prefix, c)
+        per_pair = g.op("Mul", per_pair, g.op("Reshape", top_weights, g.const([-1, 1])))
+        return g.op("ReduceSum", g.op("Reshape", per_pair, g.op("Concat", g.const([-1, c.top_k]), hidden, axis=0)),
                     g.const([1]), keepdims=0)
 
 
-def expert_matmul(g: Graph, x: str, source: str, c: "ModelShape") -> str:
-    """[E, C, in] @ each expert's W.T: one batched MatMul for float weights; quantized kernels are 2-D, so the
-    dispatch buffer is split into one quantized MatMul per expert (2 x E nodes a layer)."""
+def expert_mlp(g: Graph, x: str, prefix: str, c: "ModelShape", rows: str | None) -> str:
+    """down(gelu_tanh(gate) * up) of each expert; x is [E, C, in] (batched) or, with `rows` ([E] counts), the
+    pairs sorted by expert [P, in]."""
+    gate_up = expert_matmul(g, x, f"{prefix}.gate_up_proj", c, rows)
+    gate, up = g.op("Split", gate_up, g.const([c.expert_width, c.expert_width]), axis=-1, outputs=2)
+    return expert_matmul(g, g.op("Mul", gelu_tanh(g, gate), up), f"{prefix}.down_proj", c, rows)
+
+
+def experts_by_capacity(g: Graph, flat, pair_expert, one_hot, pairs, hidden, prefix: str, c: "ModelShape") -> str:
+    """Each pair gets a slot in an [E, capacity, H] buffer (capacity: the most pairs any expert received), both
+    projections are one batched MatMul, and each pair's row is gathered back. Cost: capacity / mean load."""
+    slot = g.op("Sub", g.op("ReduceSum", g.op("Mul", g.op("CumSum", one_hot, g.const(0)), one_hot), g.const([1]),
+                            keepdims=0), g.const(1))  # the number of earlier pairs routed to the same expert
+    capacity = g.op("ReduceMax", g.op("ReduceSum", one_hot, g.const([0]), keepdims=0), g.const([0]), keepdims=1)
+    where = g.op("Concat", g.op("Unsqueeze", pair_expert, g.const([1])), g.op("Unsqueeze", slot, g.const([1])), axis=1)
+    pair_token = g.op("Div", g.op("Range", g.const(0), pairs, g.const(1)), g.const(c.top_k))
+    empty = g.op("ConstantOfShape", g.op("Concat", g.const([c.num_experts]), capacity, hidden, axis=0),
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    dispatched = g.op("ScatterND", empty, where, g.op("Gather", flat, pair_token, axis=0))  # [E, C, H]
+    return g.op("GatherND", expert_mlp(g, dispatched, prefix, c, None), where)
+
+
+def experts_by_sorting(g: Graph, flat, pair_expert, one_hot, pairs, prefix: str, c: "ModelShape") -> str:
+    """The pairs sorted by expert, split into one block of rows per expert (its count, maybe none), each through
+    its expert's quantized MatMuls, then put back in pair order. No padding: the work is exactly the pairs'."""
+    counts = g.op("ReduceSum", one_hot, g.const([0]), keepdims=0)  # [E]
+    _, order = g.op("TopK", g.op("Cast", pair_expert, to=TensorProto.FLOAT), g.op("Unsqueeze", pairs, g.const([0])),
+                    largest=0, sorted=1, outputs=2)  # pair indices by expert (within an expert, any order does)
+    sorted_rows = g.op("Gather", flat, g.op("Div", order, g.const(c.top_k)), axis=0)  # pairs are token-major
+    out = expert_mlp(g, sorted_rows, prefix, c, counts)
+    inverse = g.op("ScatterElements", g.op("ConstantOfShape", g.op("Unsqueeze", pairs, g.const([0])),
+                                           value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])),
+                   order, g.op("Range", g.const(0), pairs, g.const(1)), axis=0)
+    return g.op("Gather", out, inverse, axis=0)
+
+
+def expert_matmul(g: Graph, x: str, source: str, c: "ModelShape", rows: str | None) -> str:
+    """Float: [E, C, in] @ each expert's W.T, one batched MatMul. Quantized: x [P, in] sorted by expert, split by
+    `rows` into one quantized MatMul per expert (2 x E nodes a layer)."""
     scheme = g.weights.scheme(source)
     if not scheme.quantized:
         return g.op("MatMul", x, g.weight(source, "linear", c.expert_rows))
     half = reads_half(g, scheme)
     first = c.expert_rows[0] if c.expert_rows else 0
-    pieces = g.op("Split", g.op("Cast", x, to=TensorProto.FLOAT16) if half else x, axis=0, num_outputs=c.num_experts,
+    pieces = g.op("Split", g.op("Cast", x, to=TensorProto.FLOAT16) if half else x, rows, axis=0,
                   outputs=c.num_experts)
     pieces = [pieces] if c.num_experts == 1 else pieces
     out = g.op("Concat", *(g.linear(piece, source, first + e, half) for e, piece in enumerate(pieces)), axis=0)
