@@ -79,7 +79,19 @@ class Graph:
     def __init__(self, name: str, weights, target: str = "onnx"):
         self.name, self.weights, self.target = name, weights, target
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self.main_nodes = self.nodes
         self._scope, self._count, self._constants, self._weights = [], {}, {}, {}
+
+    @contextmanager
+    def loop_body(self, name: str):
+        """Nodes made inside go to a Loop body (yielded: its node list and its iteration/condition input names);
+        weights, constants and the Casts of narrow weights stay in the main graph, which the body reads by name,
+        so that ONNX Runtime packs each weight once."""
+        outer, self.nodes = self.nodes, []
+        try:
+            yield self.nodes, f"{name}/iteration", f"{name}/condition"
+        finally:
+            self.nodes = outer
 
     @contextmanager
     def scope(self, name: str):
@@ -128,7 +140,9 @@ class Graph:
             self.initializers.append(tensor)
             name = tensor.name
             if tensor.data_type != TensorProto.FLOAT:  # stored narrower than it is computed
+                current, self.nodes = self.nodes, self.main_nodes
                 name = self.op("Cast", name, to=TensorProto.FLOAT)
+                self.nodes = current
             self._weights[key] = name
         return self._weights[key]
 
@@ -166,7 +180,8 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], entry["shape"]))
 
     def model(self) -> onnx.ModelProto:
-        used = {name for node in self.nodes for name in node.input}  # a quantized tensor's parts serve several uses
+        used = {name for node in self.nodes for name in node.input} | {  # a quantized tensor's parts serve several uses
+            name for node in self.nodes for attr in node.attribute if attr.g for inner in attr.g.node for name in inner.input}
         initializers = [t for t in self.initializers if t.name in used]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         opsets = [helper.make_opsetid("", OPSET)]
@@ -461,12 +476,56 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onn
     with g.scope("head_tokens"):
         head_tokens = g.op("Slice", g.op("Shape", inputs["sample_uniform"]), g.const([1]), g.const([2]))
         x = g.op("Slice", x, g.op("Neg", head_tokens), g.const([np.iinfo(np.int64).max]), g.const([1]))
-        soft_rows = g.op("Where", denoising, head_tokens, g.const([0]))
-    outputs = denoiser_head(g, x, inputs["temperature"], inputs["sample_uniform"], c, soft_rows)
+    if g.target == "onnx" and c.config.canvas_length * c.vocab * 4 > HEAD_CHUNKING_FROM:
+        outputs = head_in_chunks(g, x, inputs["temperature"], inputs["sample_uniform"], denoising, c)
+    else:  # small heads gain nothing; OpenVINO reads weights inside a Loop body as inputs: no compressed kernels
+        outputs = denoiser_head(g, x, inputs["temperature"], inputs["sample_uniform"], c,
+                                g.op("Where", denoising, head_tokens, g.const([0])))
     outputs.update(zip((e["name"] for e in spec["outputs"] if e["name"].startswith("present.")), presents))
     for entry in spec["outputs"]:
         g.add_output(outputs[entry["name"]], entry)
     return g.model()
+
+
+HEAD_CHUNK = 32  # rows of the head at a time on ONNX Runtime: [32, 262144] temporaries are 34 MB at the 26B's size
+HEAD_CHUNKING_FROM = 64 << 20  # bytes of one [canvas, vocab] float tensor above which the head runs in chunks
+
+
+def head_in_chunks(g: Graph, x: str, temperature: str, uniform: str, denoising: str, c: ModelShape) -> dict[str, str]:
+    """The head in a Loop over chunks of rows, so that its vocabulary-sized temporaries are a chunk's, not the
+    canvas' (at the 26B's vocabulary a [256, 262144] float tensor is 268 MB and the head makes several). Rows
+    (batch x head tokens, flattened) go HEAD_CHUNK at a time where that divides them, else a batch row at a time."""
+    with g.scope("head"):
+        batch_rows = g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2]))  # [B, R]
+        rows = g.op("ReduceProd", batch_rows, g.const([0]), keepdims=1)
+        flat_x = g.op("Reshape", x, g.const([-1, c.hidden]))
+        flat_u = g.op("Reshape", uniform, g.const([-1]))
+        divides = g.op("Equal", g.op("Mod", rows, g.const([HEAD_CHUNK])), g.const([0]))
+        chunk = g.op("Where", divides, g.const([HEAD_CHUNK]), g.op("Slice", batch_rows, g.const([1]), g.const([2])))
+        trips = g.op("Squeeze", g.op("Div", rows, chunk), g.const([0]))
+        names = ["argmax", "sampled", "entropy", "next_soft_embedding", "logits"]
+        with g.loop_body("head/loop") as (body_nodes, iteration, condition):
+            start = g.op("Mul", g.op("Unsqueeze", iteration, g.const([0])), chunk)
+            stop = g.op("Add", start, chunk)
+            x_chunk = g.op("Unsqueeze", g.op("Slice", flat_x, start, stop, g.const([0])), g.const([0]))
+            u_chunk = g.op("Unsqueeze", g.op("Slice", flat_u, start, stop, g.const([0])), g.const([0]))
+            chunk_outputs = denoiser_head(g, x_chunk, temperature, u_chunk, c,
+                                          g.op("Where", denoising, chunk, g.const([0])))
+            body_outputs = [g.op("Identity", condition)] + [chunk_outputs[n] for n in names]
+        body = helper.make_graph(
+            body_nodes, "head_chunk",
+            [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
+             helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info(name, dtype, None) for name, dtype in zip(body_outputs, [
+                TensorProto.BOOL, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT,
+                TensorProto.FLOAT])])
+        stacked = g.op("Loop", trips, g.const(True, np.bool_), body=body, outputs=len(names))  # [trips, 1, chunk, ...]
+        soft_rows = g.op("Where", denoising, g.op("Slice", batch_rows, g.const([1]), g.const([2])), g.const([0]))
+        shapes = {"next_soft_embedding": g.op("Concat", g.op("Slice", batch_rows, g.const([0]), g.const([1])),
+                                              soft_rows, g.const([c.hidden]), axis=0),
+                  "logits": g.op("Concat", batch_rows, g.const([c.vocab]), axis=0)}
+        # allowzero: no soft embedding rows when encoding is a real 0, not "keep this dimension"
+        return {n: g.op("Reshape", value, shapes.get(n, batch_rows), allowzero=1) for n, value in zip(names, stacked)}
 
 
 def canvas_embedding(g: Graph, tokens: str, soft_embedding: str, c: ModelShape) -> str:

@@ -1,5 +1,7 @@
 """One small class per backend with the same `run(output_names, feeds)` call, and the checks that go with it."""
 
+import ctypes
+import sys
 import threading
 from pathlib import Path
 
@@ -53,6 +55,37 @@ class OpenVinoGraph:
             request = self._requests.request = self.compiled.create_infer_request()
         request.infer(feeds)
         return [request.get_tensor(name).data.copy() for name in outputs]
+
+
+def release_mapped_pages(path: Path) -> int:
+    """Drop this process's resident pages of unmodified mappings of `path`; returns the bytes released.
+
+    Both backends map the weights file and, on first use, copy most weights into packed layouts of their own; the
+    mapped pages they read for that stay resident (counted twice: the file's and the copy) though they are not read
+    again. Dropping them is safe where no page of the mapping was written (its Anonymous count is 0): a page read
+    later (an embedding row, a weight used in place) comes back from the file. Linux only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_dontneed, target = 4, str(Path(path).resolve())
+    mappings, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                current = None
+                if len(fields) == 6 and fields[5].strip() == target:
+                    current = [*(int(x, 16) for x in fields[0].split("-")), 0, 0]
+                    mappings.append(current)
+            elif current is not None and fields[0] in ("Rss:", "Anonymous:"):
+                current[2 if fields[0] == "Rss:" else 3] = int(fields[1])
+    released = 0
+    for start, end, resident, written in mappings:
+        if resident and not written and libc.madvise(start, end - start, madv_dontneed) == 0:
+            released += resident * 1024
+    return released
 
 
 def graph_name(port) -> str:

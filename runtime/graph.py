@@ -2,20 +2,31 @@
 cache, and a denoising step over the canvas. The encoder and the denoiser share the graph so that their weights
 are loaded once."""
 
+from pathlib import Path
+
 import numpy as np
 
+from .backends import release_mapped_pages
 from .kv_cache import KVCache
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
+# The backends pack weights on first use (OpenVINO: when a node first runs; an expert, when a token first routes
+# to it): the weights file's pages read for that are released after each of the first runs.
+WARMUP_RUNS = 8
 
 
 class ModelGraph:
-    def __init__(self, session, hidden_size: int):
-        self.session, self.hidden_size = session, hidden_size
+    def __init__(self, session, hidden_size: int, weights_file: Path | None = None):
+        self.session, self.hidden_size, self.weights_file = session, hidden_size, weights_file
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
+        self.runs = 0
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(outputs, feeds)
+        results = self.session.run(outputs, feeds)
+        self.runs += 1
+        if self.weights_file is not None and self.runs <= WARMUP_RUNS:
+            release_mapped_pages(self.weights_file)
+        return results
 
     def encoder_feeds(self, cache: KVCache, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Causal mode over tokens not yet cached; the head reads only the last one."""

@@ -42,3 +42,23 @@ def test_artifact_is_self_describing_and_stores_weights_once(exported, hf_model)
     graph_files = {"model.onnx", "model.xml", "weights.bin"}
     assert graph_files <= {p.name for p in artifact.iterdir()}
     assert all(np.isfinite(r["diff"]) and r["ok"] for r in manifest["validation"]["results"])
+
+
+def test_head_in_chunks_matches_transformers(tmp_path, hf_model, monkeypatch):
+    """The ONNX head as a Loop over row chunks (what large vocabularies get), forced on a tiny model: chunks of 8
+    canvas rows, and a batch row at a time when encoding."""
+    from conftest import make_checkpoint
+    from dg_export import builder
+    from dg_export.cli import main as dg_export
+
+    monkeypatch.setattr(builder, "HEAD_CHUNKING_FROM", 0)
+    monkeypatch.setattr(builder, "HEAD_CHUNK", 8)
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", "window8-top2")
+    artifact = tmp_path / "chunked.dg"
+    assert dg_export([str(checkpoint), "-o", str(artifact), "--no-validate"]) == 0
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("Loop") == 1
+    for prompt_length, batch in ((1, 1), (11, 2)):
+        rows = validate(hf_model(checkpoint), artifact, load_manifest(artifact), ["onnxruntime"], ATOL, batch=batch,
+                        prompt_length=prompt_length, chunk_length=3, seed=2)
+        assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
