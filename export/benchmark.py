@@ -38,12 +38,12 @@ MEDIUM = {
 RUNS = [("cpu-fp32", "onnxruntime", None), ("cpu-fp32", "openvino", "f32"), ("cpu-fp32", "openvino", "bf16"),
         ("cpu-int8", "onnxruntime", None), ("cpu-int8", "openvino", None),
         ("cpu-int4-mixed", "onnxruntime", None), ("cpu-int4-mixed", "openvino", None)]
-PEAK_RSS = """
+FRESH_PROCESS = """
 import sys, numpy as np
 from dg_runtime import DiffusionGemma
 model = DiffusionGemma(sys.argv[1], sys.argv[2], threads=int(sys.argv[3]), precision=sys.argv[4] or None)
 model.generate(np.arange(5, 45)[None] % model.vocab_size, seed=0)
-print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+print(model.load_ms, [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
 """
 
 
@@ -56,6 +56,16 @@ def checkpoint_for(size: str) -> Path:
         # agreement column measures the backends rather than float near-ties of a near-uniform model.
         build_checkpoint(folder, MEDIUM, embedding_std=0.3)
     return folder
+
+
+def is_current(artifact: Path) -> bool:
+    """A cached artifact of this exporter's format (an older one is exported again)."""
+    import json
+
+    from dg_runtime.artifact import FORMAT_VERSION
+
+    manifest = artifact / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
 
 
 def median_ms(run, repeats: int) -> float:
@@ -81,7 +91,7 @@ def main(argv=None) -> None:
     artifacts = {}
     for recipe in dict.fromkeys(recipe for recipe, _, _ in RUNS):
         artifacts[recipe] = cache_dir() / f"bench-{args.size}-{recipe}.dg"
-        if not (artifacts[recipe] / "manifest.json").is_file():
+        if not is_current(artifacts[recipe]):
             # The wide embedding of the medium stand-in scales float32 rounding in the logits past 1e-4 (about
             # 2e-3); its fidelity is what the agreement column measures.
             validate = ["--no-validate"] if args.size == "medium" else []
@@ -118,7 +128,13 @@ def main(argv=None) -> None:
         step_ms[key] = median_ms(lambda: runtime.graph.run(STEP_OUTPUTS, feeds), args.repeats)
 
     # Whole generations with the artifact's default settings and the same noise on every side.
-    prompts = [rng.integers(5, vocab, (1, 24 + 7 * s)) for s in range(args.seeds)]
+    if args.size == "tiny":  # the demo model's own kind of problem, so that answers (and tokens/s) mean something
+        from .demo.tasks import held_out
+
+        prompts = [np.array([first.text.chat_ids([{"role": "user", "content": text}])])
+                   for text, _ in held_out(args.seeds)]
+    else:
+        prompts = [rng.integers(5, vocab, (1, 24 + 7 * s)) for s in range(args.seeds)]
     results = {}
     started = time.perf_counter()
     expected, steps = [], []
@@ -127,46 +143,80 @@ def main(argv=None) -> None:
         expected.append(tokens[:, : settings.max_new_tokens])
         steps.append(len(recorder.logits))
     results["transformers"] = (time.perf_counter() - started, sum(steps), 1.0)
+    decoding = {}  # after the prompt: (tokens, seconds, blocks)
     for key, runtime in runtimes.items():
         started, same, total, n_steps = time.perf_counter(), 0, 0, 0
+        tokens, seconds, blocks = 0, 0.0, 0
         for seed, ids in enumerate(prompts):
+            generation_started = time.perf_counter()
             done = runtime.generate(ids, settings, noise=NoiseSource(seed))
+            tokens, blocks = tokens + done.stats.tokens, blocks + done.stats.blocks
+            seconds += time.perf_counter() - generation_started - done.stats.prefill_ms / 1000
             n_steps += sum(done.stats.steps_per_block)
             want = expected[seed][:, : done.tokens.shape[1]]
             width = min(want.shape[1], done.tokens.shape[1])
             same += int((want[:, :width] == done.tokens[:, :width]).sum())
             total += max(want.shape[1], done.tokens.shape[1])
         results[key] = (time.perf_counter() - started, n_steps, same / total)
+        decoding[key] = (tokens, seconds, blocks)
 
     name = "embedded demo model" if args.size == "tiny" else "medium stand-in (seeded random weights)"
     print(f"\n{name}: {params / 1e6:.1f} M text parameters, canvas {canvas}, "
           f"{args.threads} threads, {args.seeds} generations of up to {settings.max_new_tokens} tokens "
           f"(max {settings.max_denoising_steps} steps/block)\n")
-    print("| runtime | weights MB | denoiser step ms | vs transformers | vs same backend fp32 | generation s | steps | "
-          "tokens identical to transformers | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| runtime | weights MB | load s | denoiser step ms | vs transformers | vs same backend fp32 | generation s | "
+          "steps | tokens identical to transformers | peak RSS MB (limit: 1.2 x weights + 300) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base_step = step_ms["transformers"]
     seconds, n_steps, agree = results["transformers"]
-    print(f"| transformers (PyTorch, fp32) | {4 * params / 1e6:.0f} | {base_step:.1f} | 1.00x | | {seconds:.2f} | "
+    print(f"| transformers (PyTorch, fp32) | {4 * params / 1e6:.0f} | | {base_step:.1f} | 1.00x | | {seconds:.2f} | "
           f"{n_steps} | {agree * 100:.1f} % | |")
     for key in runtimes:
         recipe, backend, precision = key
         fp32_step = step_ms[("cpu-fp32", backend, None if backend == "onnxruntime" else "f32")]
         seconds, n_steps, agree = results[key]
         weights = (artifacts[recipe] / "weights.bin").stat().st_size
+        load_ms, rss = fresh_process(artifacts[recipe], backend, precision, args.threads)
         print(f"| {recipe} on {backend}{' ' + precision if precision else ''} | {weights / 1e6:.0f} | "
-              f"{step_ms[key]:.1f} | {base_step / step_ms[key]:.2f}x | {fp32_step / step_ms[key]:.2f}x | {seconds:.2f} | "
-              f"{n_steps} | {agree * 100:.1f} % | {peak_rss(artifacts[recipe], backend, precision, args.threads) / 1e6:.0f} |")
+              f"{load_ms / 1000:.2f} | {step_ms[key]:.1f} | {base_step / step_ms[key]:.2f}x | {fp32_step / step_ms[key]:.2f}x | "
+              f"{seconds:.2f} | {n_steps} | {agree * 100:.1f} % | {rss / 1e6:.0f} ({(1.2 * weights + 3e8) / 1e6:.0f}) |")
+
+    # Diffusion against autoregressive decoding on the same weights: the encoder and the LM head one token at a
+    # time (with the KV cache) is the autoregressive model. Both exclude the prompt's prefill.
+    print("\ndecoding speed after the prompt, same weights (diffusion: the generations above, measured steps):\n")
+    print("| runtime | diffusion tokens/s | steps per block | autoregressive step ms | autoregressive tokens/s | "
+          "diffusion / autoregressive |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for key, runtime in runtimes.items():
+        recipe, backend, precision = key
+        tokens, seconds, blocks = decoding[key]
+        ar_ms = autoregressive_step_ms(runtime, prompts[0], args.repeats)
+        steps = results[key][1] / blocks
+        print(f"| {recipe} on {backend}{' ' + precision if precision else ''} | {tokens / seconds:.1f} | "
+              f"{steps:.1f} | {ar_ms:.2f} | {1000 / ar_ms:.1f} | {tokens / seconds / (1000 / ar_ms):.2f}x |")
 
 
-def peak_rss(artifact, backend: str, precision: str | None, threads: int) -> int:
-    """Bytes: the peak RSS of a fresh process that loads the artifact and generates one default answer."""
+def autoregressive_step_ms(runtime: DiffusionGemma, prompt: np.ndarray, repeats: int) -> float:
+    """Median ms of one-token steps (encode one token with the KV cache, its argmax is the next token)."""
+    cache = runtime.new_cache(1)
+    token = runtime.graph.encode(cache, prompt)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        token = runtime.graph.encode(cache, token[:, None])
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def fresh_process(artifact, backend: str, precision: str | None, threads: int) -> tuple[float, int]:
+    """(load ms, peak RSS bytes) of a fresh process that loads the artifact and generates one default answer."""
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(artifact), backend, str(threads), precision or ""],
-                            capture_output=True, text=True, check=True)
-    return int(result.stdout.split()[-1]) * 1024
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(artifact), backend, str(threads),
+                             precision or ""], capture_output=True, text=True, check=True)
+    load_ms, rss_kb = result.stdout.split()[-2:]
+    return float(load_ms), int(rss_kb) * 1024
 
 
 if __name__ == "__main__":

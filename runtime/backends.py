@@ -3,6 +3,7 @@
 import ctypes
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,36 @@ class OpenVinoGraph:
         return [request.get_tensor(name).data.copy() for name in outputs]
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_memory(weights_bytes: int) -> None:
+    """Refuse, before loading, an artifact whose weights cannot fit the memory this machine has available (the
+    backends hold about 1.2 x the stored weights, plus working memory), instead of being killed while loading."""
+    available = available_memory()
+    needed = 1.2 * weights_bytes + 0.3e9
+    if available is not None and needed > available:
+        raise UserError(f"this artifact needs about {needed / 1e9:.1f} GB of memory (1.2 x its {weights_bytes / 1e9:.1f} "
+                        f"GB of weights + 0.3 GB) and {available / 1e9:.1f} GB are available: export it with a "
+                        "smaller recipe (cpu-int4-mixed), or free memory")
+
+
 def release_mapped_pages(path: Path) -> int:
     """Drop this process's resident pages of unmodified mappings of `path`; returns the bytes released.
 
     Both backends map the weights file and, on first use, copy most weights into packed layouts of their own; the
     mapped pages they read for that stay resident (counted twice: the file's and the copy) though they are not read
     again. Dropping them is safe where no page of the mapping was written (its Anonymous count is 0): a page read
-    later (an embedding row, a weight used in place) comes back from the file. Linux only; elsewhere a no-op.
+    later (an embedding row, a weight used in place) comes back from the file. Call it only while the backend does
+    not map or unmap the file (after loading, during runs): ONNX Runtime unmaps tensors as it packs them while it
+    loads, and an address read from /proc/self/smaps could by then belong to a new allocation (seen: heap
+    corruption). Linux only; elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return 0
@@ -86,6 +110,28 @@ def release_mapped_pages(path: Path) -> int:
         if resident and not written and libc.madvise(start, end - start, madv_dontneed) == 0:
             released += resident * 1024
     return released
+
+
+@contextmanager
+def releasing_mapped_pages(path: Path, every: float = 0.5):
+    """Release `path`'s mapped pages every `every` seconds while the block runs (and once at its end): the first
+    runs read most of the weights file once (OpenVINO packs its weights then), and without this their pages would
+    add up to the whole file on top of the backend's own copy before the first release. Not while loading (see
+    release_mapped_pages)."""
+    stop = threading.Event()
+
+    def release_until_stopped():
+        while not stop.wait(every):
+            release_mapped_pages(path)
+
+    thread = threading.Thread(target=release_until_stopped, name="release-mapped-pages", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        release_mapped_pages(path)
 
 
 def graph_name(port) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import load_manifest
-from .backends import open_graph, release_mapped_pages
+from .backends import check_memory, open_graph, release_mapped_pages
 from .errors import UserError
 from .graph import STEP_OUTPUTS, ModelGraph
 from .kv_cache import KVCache
@@ -142,10 +142,13 @@ class DiffusionGemma:
         generation = self.folder / "generation_config.json"
         self.defaults = Settings.from_generation_config(json.loads(generation.read_text()) if generation.is_file() else {})
         self.text = TextCodec(self.folder)
-        session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
         fmt = "onnx" if self.backend == "onnxruntime" else "openvino"
-        self.graph = ModelGraph(session, self.hidden_size, self.folder / self.manifest["formats"][fmt]["weights"])
-        release_mapped_pages(self.graph.weights_file)  # ONNX Runtime packs its weights while it loads
+        weights_file = self.folder / self.manifest["formats"].get(fmt, {}).get("weights", "weights.bin")
+        if weights_file.is_file():
+            check_memory(weights_file.stat().st_size)
+        session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
+        self.graph = ModelGraph(session, self.hidden_size, weights_file)
+        release_mapped_pages(self.graph.weights_file)  # ONNX Runtime packed its weights while it loaded
         self.load_ms = (time.perf_counter() - started) * 1000
 
     def new_cache(self, batch: int = 1) -> KVCache:

@@ -2,16 +2,17 @@
 cache, and a denoising step over the canvas. The encoder and the denoiser share the graph so that their weights
 are loaded once."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from .backends import release_mapped_pages
+from .backends import releasing_mapped_pages
 from .kv_cache import KVCache
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
 # The backends pack weights on first use (OpenVINO: when a node first runs; an expert, when a token first routes
-# to it): the weights file's pages read for that are released after each of the first runs.
+# to it): the weights file's pages read for that are released during the first runs.
 WARMUP_RUNS = 8
 
 
@@ -22,11 +23,10 @@ class ModelGraph:
         self.runs = 0
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self.session.run(outputs, feeds)
         self.runs += 1
-        if self.weights_file is not None and self.runs <= WARMUP_RUNS:
-            release_mapped_pages(self.weights_file)
-        return results
+        warming_up = self.weights_file is not None and self.runs <= WARMUP_RUNS
+        with releasing_mapped_pages(self.weights_file) if warming_up else nullcontext():
+            return self.session.run(outputs, feeds)
 
     def encoder_feeds(self, cache: KVCache, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Causal mode over tokens not yet cached; the head reads only the last one."""

@@ -1,0 +1,79 @@
+"""Runtime memory: the weights held once, the backends' working memory bounded, mapped pages released safely."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dg_runtime.backends import release_mapped_pages
+
+FRESH_PROCESS = """
+import sys
+from dg_runtime import DiffusionGemma
+model = DiffusionGemma(sys.argv[1], sys.argv[2])
+model.generate([model.text.chat_ids([{"role": "user", "content": "shout: abcdefghijklmnopqrstuvwxyzabcdefghijklmn"}])])
+print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_artifacts(tmp_path_factory):
+    from dg_export.cli import main as dg_export
+
+    root = tmp_path_factory.mktemp("memory")
+    artifacts = {}
+    for recipe in ("cpu-fp32", "cpu-int4-mixed"):
+        artifacts[recipe] = root / f"{recipe}.dg"
+        assert dg_export(["-o", str(artifacts[recipe]), "--recipe", recipe, "--no-validate"]) == 0
+    return artifacts
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("recipe", ["cpu-fp32", "cpu-int4-mixed"])
+def test_peak_rss_is_within_the_budget(demo_artifacts, backend, recipe):
+    """A fresh process that loads the demo artifact and answers (two canvases): peak RSS <= 1.2 x weights + 300 MB."""
+    artifact = demo_artifacts[recipe]
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(artifact), backend],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stdout.split()[-1]) * 1024
+    budget = 1.2 * (artifact / "weights.bin").stat().st_size + 300e6
+    print(f"\n{recipe} on {backend}: peak RSS {peak / 1e6:.0f} MB, budget {budget / 1e6:.0f} MB")
+    assert peak <= budget
+
+
+def resident_file_kb(path) -> int:
+    """Resident kB of this process's mappings of `path`."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                current = len(fields) == 6 and fields[5] == str(path)
+            elif current and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise: Linux")
+def test_released_pages_come_back_from_the_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    assert int(mapped.sum()) == int(data.sum())  # every page read: resident
+    assert resident_file_kb(path.resolve()) >= 8 << 10
+    assert release_mapped_pages(path) >= 8 << 20
+    assert resident_file_kb(path.resolve()) < 1 << 10
+    assert np.array_equal(mapped, data)  # read again from the file
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise: Linux")
+def test_written_mappings_are_left_alone(tmp_path):
+    path = tmp_path / "weights.bin"
+    np.zeros(1 << 20, dtype=np.uint8).tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writes stay in memory only
+    mapped[:] = 7
+    release_mapped_pages(path)
+    assert int(mapped.min()) == 7  # dropping these pages would have lost the writes
