@@ -148,7 +148,8 @@ class DiffusionGemma:
             check_memory(weights_file.stat().st_size)
         session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
         self.graph = ModelGraph(session, self.hidden_size, weights_file)
-        release_mapped_pages(self.graph.weights_file)  # ONNX Runtime packed its weights while it loaded
+        if self.graph.weights_file:
+            release_mapped_pages(self.graph.weights_file)  # ONNX Runtime packed its weights while it loaded
         self.load_ms = (time.perf_counter() - started) * 1000
 
     def new_cache(self, batch: int = 1) -> KVCache:

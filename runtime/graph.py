@@ -12,13 +12,17 @@ from .kv_cache import KVCache
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
 # The backends pack weights on first use (OpenVINO: when a node first runs; an expert, when a token first routes
-# to it): the weights file's pages read for that are released during the first runs.
+# to it): the weights file's pages read for that are released during the first runs, where that is worth its
+# cost (reading /proc/self/smaps: ~10 ms a run for a few hundred MB of weights).
 WARMUP_RUNS = 8
+RELEASE_FROM_BYTES = 512 << 20
 
 
 class ModelGraph:
     def __init__(self, session, hidden_size: int, weights_file: Path | None = None):
-        self.session, self.hidden_size, self.weights_file = session, hidden_size, weights_file
+        self.session, self.hidden_size = session, hidden_size
+        large = weights_file is not None and weights_file.is_file() and weights_file.stat().st_size >= RELEASE_FROM_BYTES
+        self.weights_file = weights_file if large else None
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
         self.runs = 0
 
