@@ -53,7 +53,7 @@ def denoise(model, cache, canvas_ids, self_conditioning_logits, position_ids, te
 
 @torch.no_grad()
 def step_outputs(logits, embedding, embed_scale, temperature, uniform) -> dict:
-    """What the denoiser graph outputs for a step's softcapped logits: the sampler's view of them (as
+    """What the graph outputs in a denoising step for a step's softcapped logits: the sampler's view of them (as
     transformers' generate computes it) and the next step's soft embedding (as its decoder computes it)."""
     processed = logits / torch.tensor(temperature, dtype=torch.float32)
     probs = processed.softmax(dim=-1, dtype=torch.float32)

@@ -1,5 +1,5 @@
 """The numpy half of a denoising step: what transformers' EntropyBoundSampler and
-StableAndConfidentStoppingCriteria do with the [B, L] results the denoiser graph returns."""
+StableAndConfidentStoppingCriteria do with the [B, L] results a denoising step of the graph returns."""
 
 import numpy as np
 
