@@ -147,7 +147,7 @@ class DiffusionGemma:
         if weights_file.is_file():
             check_memory(weights_file.stat().st_size)
         session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
-        self.graph = ModelGraph(session, self.hidden_size, weights_file)
+        self.graph = ModelGraph(session, self.hidden_size, weights_file, encode_chunk=self.canvas_length)
         if self.graph.weights_file:
             release_mapped_pages(self.graph.weights_file)  # ONNX Runtime packed its weights while it loaded
         self.load_ms = (time.perf_counter() - started) * 1000

@@ -19,8 +19,8 @@ RELEASE_FROM_BYTES = 512 << 20
 
 
 class ModelGraph:
-    def __init__(self, session, hidden_size: int, weights_file: Path | None = None):
-        self.session, self.hidden_size = session, hidden_size
+    def __init__(self, session, hidden_size: int, weights_file: Path | None = None, encode_chunk: int = 256):
+        self.session, self.hidden_size, self.encode_chunk = session, hidden_size, encode_chunk
         large = weights_file is not None and weights_file.is_file() and weights_file.stat().st_size >= RELEASE_FROM_BYTES
         self.weights_file = weights_file if large else None
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
@@ -42,10 +42,13 @@ class ModelGraph:
                 "sample_uniform": np.zeros((batch, 1), np.float32), **cache.feeds()}
 
     def encode(self, cache: KVCache, ids: np.ndarray) -> np.ndarray:
-        """Append the KV of `ids` ([B, N]) to the cache; returns the argmax after the last one ([B]): the
-        autoregressive next token."""
-        *presents, argmax = self.run([*self.present_names, "argmax"], self.encoder_feeds(cache, ids))
-        cache.append(presents)
+        """Append the KV of `ids` ([B, N]) to the cache, `encode_chunk` tokens a call (a long prompt's working
+        memory stays that of a canvas; the cache holds what the next chunk may see, so the KV are the same);
+        returns the argmax after the last token ([B]): the autoregressive next token."""
+        for start in range(0, ids.shape[1], self.encode_chunk):
+            chunk = ids[:, start: start + self.encode_chunk]
+            *presents, argmax = self.run([*self.present_names, "argmax"], self.encoder_feeds(cache, chunk))
+            cache.append(presents)
         return argmax[:, -1]
 
     @staticmethod

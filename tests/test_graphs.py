@@ -62,3 +62,30 @@ def test_head_in_chunks_matches_transformers(tmp_path, hf_model, monkeypatch):
         rows = validate(hf_model(checkpoint), artifact, load_manifest(artifact), ["onnxruntime"], ATOL, batch=batch,
                         prompt_length=prompt_length, chunk_length=3, seed=2)
         assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_prompt_encoded_in_chunks_matches_transformers(exported, hf_model, backend):
+    """The runtime encodes long prompts a chunk at a time: the KV (sliding layers trimmed between chunks) and the
+    next token must be transformers' for the whole prompt at once."""
+    import torch
+    from transformers import DynamicCache
+
+    from dg_export import reference
+    from dg_export.validate import compare
+    from dg_runtime.backends import open_graph
+    from dg_runtime.graph import ModelGraph
+    from dg_runtime.kv_cache import KVCache
+
+    checkpoint, artifact = exported("window8-top2")  # a window of 8: chunks of 7 cross it
+    model, manifest = hf_model(checkpoint), load_manifest(artifact)
+    text = model.config.text_config
+    prompt = np.random.default_rng(3).integers(0, text.vocab_size, (2, 40))
+    cache = DynamicCache(config=text)
+    with torch.no_grad():
+        want_next = reference.encode(model, cache, prompt, 0)
+    graph = ModelGraph(open_graph(artifact, manifest, backend, precision="f32"), text.hidden_size, encode_chunk=7)
+    kv = KVCache(manifest["model"]["kv_layout"], text.sliding_window, 2)
+    got_next = graph.encode(kv, prompt)
+    assert max(compare(w, t) for w, t in zip(reference.cache_arrays(cache), kv.tensors)) <= ATOL
+    assert np.array_equal(got_next, want_next)
