@@ -3,7 +3,7 @@
     python -m dg_export.benchmark_export [--only real-depth|memory]
 
 real-depth  the published config's 30-layer pattern, 128 experts top-8, head layout and 262,144-token vocabulary
-            with narrow widths: export time (both formats, validated), session creation / compilation per graph,
+            with narrow widths: export time (both formats, validated), session creation / compilation of the graph,
             and one denoiser step on each backend.
 memory      two checkpoints of that depth whose bf16 sizes differ about 4x (the larger over 4 GB, sharded): the
             exporter's peak RSS on each against the plan `--dry-run` prints, and how much of the added bytes the

@@ -128,7 +128,7 @@ def print_plan(config, model_name: str, formats: list[str]) -> None:
             if kv:
                 print(f"    {kind[:-1]:6} {kv[0]['name'].split('.')[0]}.{{0..{text.num_hidden_layers - 1}}}.{{key,value}}"
                       f" float32 (sliding: {format_shape(kv[0]['shape'])}, full: {format_shape(kv[-1]['shape'])})")
-    print("  weights per recipe (stored once, shared by both graphs and formats):")
+    print("  weights per recipe (stored once, shared by both modes and formats):")
     for name, size, label in recipe_sizes(config):
         print(f"    {name:20} {size / GB:7.1f} GB  {label}")
     full_kv, sliding_kv = kv_bytes_per_token(config)
