@@ -110,24 +110,24 @@ def real_depth() -> None:
 
 
 def denoiser_step_ms(session, manifest: dict, past: int = 64, repeats: int = 5) -> float:
+    """Median ms of a denoising step over a random canvas after `past` random tokens were encoded."""
+    from dg_runtime.graph import STEP_OUTPUTS, ModelGraph
+    from dg_runtime.kv_cache import KVCache
+
     model = manifest["model"]
     canvas, hidden = model["canvas_length"], model["hidden_size"]
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, model["vocab_size"], (1, canvas)), "denoising": np.array(True),
-             "soft_embedding": np.zeros((1, canvas, hidden), np.float32),
-             "position_ids": np.arange(past, past + canvas)[None], "temperature": np.array(0.8, np.float32),
-             "sample_uniform": rng.random((1, canvas), dtype=np.float32)}
-    for i, layer in enumerate(model["kv_layout"]):
-        length = min(past, model["sliding_window"] - 1) if layer["type"] == "sliding_attention" else past
-        for kind in ("key", "value"):
-            feeds[f"past.{i}.{kind}"] = rng.standard_normal((1, layer["kv_heads"], length, layer["head_dim"]),
-                                                            dtype=np.float32)
-    outputs = ["argmax", "sampled", "entropy", "next_soft_embedding"]
-    session.run(outputs, feeds)
+    graph = ModelGraph(session, hidden)
+    cache = KVCache(model["kv_layout"], model["sliding_window"], 1)
+    graph.encode(cache, rng.integers(0, model["vocab_size"], (1, past)))
+    feeds = graph.denoiser_feeds(cache, rng.integers(0, model["vocab_size"], (1, canvas)),
+                                 np.zeros((1, canvas, hidden), np.float32), np.arange(past, past + canvas)[None],
+                                 np.array(0.8, np.float32), rng.random((1, canvas), dtype=np.float32))
+    session.run(STEP_OUTPUTS, feeds)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        session.run(outputs, feeds)
+        session.run(STEP_OUTPUTS, feeds)
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
 

@@ -500,17 +500,18 @@ def head_in_chunks(g: Graph, x: str, temperature: str, uniform: str, denoising: 
         rows = g.op("ReduceProd", batch_rows, g.const([0]), keepdims=1)
         flat_x = g.op("Reshape", x, g.const([-1, c.hidden]))
         flat_u = g.op("Reshape", uniform, g.const([-1]))
+        head_tokens = g.op("Slice", batch_rows, g.const([1]), g.const([2]))
         divides = g.op("Equal", g.op("Mod", rows, g.const([HEAD_CHUNK])), g.const([0]))
-        chunk = g.op("Where", divides, g.const([HEAD_CHUNK]), g.op("Slice", batch_rows, g.const([1]), g.const([2])))
+        chunk = g.op("Where", divides, g.const([HEAD_CHUNK]), head_tokens)
         trips = g.op("Squeeze", g.op("Div", rows, chunk), g.const([0]))
+        chunk_soft_rows = g.op("Where", denoising, chunk, g.const([0]))
         names = ["argmax", "sampled", "entropy", "next_soft_embedding", "logits"]
         with g.loop_body("head/loop") as (body_nodes, iteration, condition):
             start = g.op("Mul", g.op("Unsqueeze", iteration, g.const([0])), chunk)
             stop = g.op("Add", start, chunk)
             x_chunk = g.op("Unsqueeze", g.op("Slice", flat_x, start, stop, g.const([0])), g.const([0]))
             u_chunk = g.op("Unsqueeze", g.op("Slice", flat_u, start, stop, g.const([0])), g.const([0]))
-            chunk_outputs = denoiser_head(g, x_chunk, temperature, u_chunk, c,
-                                          g.op("Where", denoising, chunk, g.const([0])))
+            chunk_outputs = denoiser_head(g, x_chunk, temperature, u_chunk, c, chunk_soft_rows)
             body_outputs = [g.op("Identity", condition)] + [chunk_outputs[n] for n in names]
         body = helper.make_graph(
             body_nodes, "head_chunk",
@@ -520,7 +521,7 @@ def head_in_chunks(g: Graph, x: str, temperature: str, uniform: str, denoising: 
                 TensorProto.BOOL, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT,
                 TensorProto.FLOAT])])
         stacked = g.op("Loop", trips, g.const(True, np.bool_), body=body, outputs=len(names))  # [trips, 1, chunk, ...]
-        soft_rows = g.op("Where", denoising, g.op("Slice", batch_rows, g.const([1]), g.const([2])), g.const([0]))
+        soft_rows = g.op("Where", denoising, head_tokens, g.const([0]))
         shapes = {"next_soft_embedding": g.op("Concat", g.op("Slice", batch_rows, g.const([0]), g.const([1])),
                                               soft_rows, g.const([c.hidden]), axis=0),
                   "logits": g.op("Concat", batch_rows, g.const([c.vocab]), axis=0)}

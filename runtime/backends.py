@@ -139,9 +139,8 @@ def graph_name(port) -> str:
     return min(port.get_names(), key=lambda name: ("/" in name or ":" in name, name))
 
 
-def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", threads: int | None = None,
-               precision: str | None = None, graph: str = "model"):
-    """Open a graph of an artifact on a backend, and check its inputs against the manifest."""
+def format_entry(manifest: dict, backend: str) -> tuple[str, dict]:
+    """The artifact format a backend reads and its manifest entry (graph files, weights file)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
@@ -149,6 +148,13 @@ def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", 
     if entry is None:
         raise UserError(f"this artifact has no {fmt} graphs (it has: {', '.join(manifest['formats'])}); "
                         f"re-export with --format {fmt} or choose another backend")
+    return fmt, entry
+
+
+def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", threads: int | None = None,
+               precision: str | None = None, graph: str = "model"):
+    """Open a graph of an artifact on a backend, and check its inputs against the manifest."""
+    fmt, entry = format_entry(manifest, backend)
     if backend == "onnxruntime":
         if device.upper() != "CPU":
             raise UserError(f"the onnxruntime backend runs on CPU only here (asked for {device}); use --backend openvino")

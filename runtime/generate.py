@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import load_manifest
-from .backends import check_memory, open_graph, release_mapped_pages
+from .backends import check_memory, format_entry, open_graph, release_mapped_pages
 from .errors import UserError
 from .graph import STEP_OUTPUTS, ModelGraph
 from .kv_cache import KVCache
@@ -142,10 +142,8 @@ class DiffusionGemma:
         generation = self.folder / "generation_config.json"
         self.defaults = Settings.from_generation_config(json.loads(generation.read_text()) if generation.is_file() else {})
         self.text = TextCodec(self.folder)
-        fmt = "onnx" if self.backend == "onnxruntime" else "openvino"
-        weights_file = self.folder / self.manifest["formats"].get(fmt, {}).get("weights", "weights.bin")
-        if weights_file.is_file():
-            check_memory(weights_file.stat().st_size)
+        weights_file = self.folder / format_entry(self.manifest, self.backend)[1]["weights"]
+        check_memory(weights_file.stat().st_size)  # load_manifest checked that the file is there
         session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
         self.graph = ModelGraph(session, self.hidden_size, weights_file, encode_chunk=self.canvas_length)
         if self.graph.weights_file:
