@@ -166,7 +166,7 @@ class DiffusionGemma:
         input_ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         batch = input_ids.shape[0]
         cache = cache if cache is not None else self.new_cache(batch)
-        self._check_length(cache.length + input_ids.shape[1], settings)
+        self.check_length(cache.length + input_ids.shape[1], settings)
         noise = noise or NoiseSource(seed)
         stats = Stats(load_ms=self.load_ms)
         finished = np.zeros(batch, dtype=bool)
@@ -232,7 +232,8 @@ class DiffusionGemma:
                 break
         return argmax, settings.max_denoising_steps - step + 1, seconds
 
-    def _check_length(self, prompt_length: int, settings: Settings) -> None:
+    def check_length(self, prompt_length: int, settings: Settings) -> None:
+        """Raise UserError if a prompt of this many tokens (cached ones included) cannot take the new tokens."""
         if prompt_length == 0:
             raise UserError("the prompt is empty; give some text to start from")
         needed = prompt_length + math.ceil(settings.max_new_tokens / self.canvas_length) * self.canvas_length

@@ -18,6 +18,17 @@ class KVCache:
         ]
         self.length = 0  # tokens encoded so far (positions of new tokens start here)
 
+    def copy(self) -> "KVCache":
+        """A snapshot: appending to either cache leaves the other as it is (append builds new arrays)."""
+        snapshot = KVCache.__new__(KVCache)
+        snapshot.layout, snapshot.keep, snapshot.length = self.layout, self.keep, self.length
+        snapshot.tensors = list(self.tensors)
+        return snapshot
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
     def feeds(self) -> dict[str, np.ndarray]:
         return {f"past.{i // 2}.{('key', 'value')[i % 2]}": t for i, t in enumerate(self.tensors)}
 

@@ -1,0 +1,211 @@
+"""OpenAI's chat and completions API over DiffusionGemma: request bodies in, response objects and stream chunks out.
+
+Fields the model has no use for (`temperature`, `top_p`, penalties, `user`, ...) are accepted and ignored, as
+local servers do, so that clients work unchanged. DiffusionGemma's own settings are extra body fields (EXTRA_FIELDS).
+"""
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dg_runtime import DiffusionGemma, Settings, UserError
+from dg_runtime.generate import trim_reply
+
+# extra body field -> runtime setting
+EXTRA_FIELDS = {"steps": "max_denoising_steps", "entropy_bound": "entropy_bound", "t_max": "t_max", "t_min": "t_min",
+                "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOPS = 4
+
+
+class ApiError(Exception):
+    """An error answered with `status` and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Request:
+    chat: bool
+    ids: list[int]
+    settings: Settings
+    seed: int
+    stop: list[str]
+    stream: bool = False
+    include_usage: bool = False
+    stream_canvas: bool = False
+    id: str = field(default_factory=lambda: secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) -> Request:
+    """Check a chat or completions body and turn it into token ids and settings; ApiError names the first problem."""
+    if "model" in body and body["model"] != model_id:
+        raise ApiError(404, f"model {body['model']!r} does not exist; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+    ids = chat_ids(body, model) if chat else prompt_ids(body, model)
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, f"n must be 1 (got {n!r}): this server generates one choice per request", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
+        raise ApiError(400, f"max_tokens must be a whole number of at least 1 (got {max_tokens!r})", param="max_tokens")
+    overrides = {setting: body.get(name) for name, setting in EXTRA_FIELDS.items()}
+    try:
+        settings = model.defaults.with_overrides(max_new_tokens=max_tokens, **overrides)
+        model.check_length(len(ids), settings)
+    except UserError as exc:
+        raise ApiError(400, str(exc).replace("--max-new-tokens", "max_tokens")) from None
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    elif not is_int(seed) or seed < 0:
+        raise ApiError(400, f"seed must be a whole number of 0 or more (got {seed!r})", param="seed")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false (got {stream!r})", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    return Request(chat, ids, settings, seed, stop_strings(body.get("stop")), stream,
+                   bool(options.get("include_usage")), bool(body.get("stream_canvas")))
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def chat_ids(body: dict, model: DiffusionGemma) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    rendered = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where} must be an object with role and content", param=where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"{where}.role {role!r} is not one of {', '.join(ROLES)}", param=f"{where}.role")
+        rendered.append({"role": ROLES[role], "content": message_text(message.get("content"), f"{where}.content")})
+    try:
+        return model.text.chat_ids(rendered)
+    except UserError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+
+
+def message_text(content, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of text parts (the model reads text only)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"{where} must be a string or a list of text parts (this model reads text only)", param=where)
+
+
+def prompt_ids(body: dict, model: DiffusionGemma) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
+    if not prompt:
+        raise ApiError(400, "prompt is empty; give some text to start from", param="prompt")
+    return model.text.encode(prompt)
+
+
+def stop_strings(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"stop must be a non-empty string or a list of up to {MAX_STOPS} of them", param="stop")
+    return stops
+
+
+class ReplyText:
+    """The reply as text while blocks commit: cut at the first EOS, at max_tokens and at a stop string.
+
+    `add` returns the text that is now final. It holds back a trailing partial UTF-8 character (decoded as U+FFFD
+    until its other bytes arrive) and a tail that could be the start of a stop string."""
+
+    def __init__(self, model: DiffusionGemma, max_tokens: int, stops: list[str]):
+        self.model, self.max_tokens, self.stops = model, max_tokens, stops
+        self.generated: list[int] = []
+        self.reply: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.sent = ""
+        self.finish_reason: str | None = None
+        self.stop_string_hit = False
+
+    def add(self, block: np.ndarray) -> str:
+        self.generated += block.tolist()
+        kept = np.array(self.generated[: self.max_tokens], dtype=np.int64)
+        self.reply = trim_reply(kept, self.model.eos_ids, self.model.pad_id)
+        if len(self.reply) < len(kept):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.max_tokens:
+            self.finish_reason = "length"
+        text = self.model.text.decode(self.reply)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.finish_reason, self.stop_string_hit = text[:cut], "stop", True
+        elif self.finish_reason is None:
+            text = text[: len(text) - held_back(text, self.stops)]
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` may still change: a partial character, a stop string's start."""
+    partial = len(text) - len(text.rstrip("\ufffd"))
+    start_of_stop = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return max(partial, start_of_stop)
+
+
+def usage(request: Request, reply: ReplyText, cached_tokens: int) -> dict:
+    return {"prompt_tokens": len(request.ids), "completion_tokens": len(reply.reply),
+            "total_tokens": len(request.ids) + len(reply.reply),
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def stats_object(stats, cached_tokens: int) -> dict:
+    """DiffusionGemma's figures of a generation, under the extra `dg` field of the last response or chunk."""
+    return {"blocks": stats.blocks, "steps_per_block": stats.steps_per_block,
+            "tokens_per_forward": round(stats.tokens_per_forward, 3),
+            "tokens_per_second": round(stats.tokens_per_second, 2), "prefill_ms": round(stats.prefill_ms, 2),
+            "step_ms": round(stats.step_ms, 2), "cached_tokens": cached_tokens}
+
+
+def response(request: Request, model_id: str, reply: ReplyText, usage_object: dict, dg: dict) -> dict:
+    if request.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": reply.sent},
+                  "finish_reason": reply.finish_reason, "logprobs": None}
+        kind, prefix = "chat.completion", "chatcmpl-"
+    else:
+        choice = {"index": 0, "text": reply.sent, "finish_reason": reply.finish_reason, "logprobs": None}
+        kind, prefix = "text_completion", "cmpl-"
+    return {"id": prefix + request.id, "object": kind, "created": request.created, "model": model_id,
+            "choices": [choice], "usage": usage_object, "dg": dg}
+
+
+def chunk(request: Request, model_id: str, text: str | None = None, finish_reason: str | None = None,
+          first: bool = False, choices: bool = True, **extra) -> dict:
+    """One streamed chunk: a text delta (a choice), or with `choices=False` only the extra fields (usage, dg)."""
+    if request.chat:
+        delta = {"role": "assistant", "content": ""} if first else {"content": text} if text else {}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        kind, prefix = "chat.completion.chunk", "chatcmpl-"
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        kind, prefix = "text_completion", "cmpl-"
+    return {"id": prefix + request.id, "object": kind, "created": request.created, "model": model_id,
+            "choices": [choice] if choices else [], **extra}
