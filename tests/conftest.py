@@ -62,6 +62,14 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory):
+    """The embedded demo model exported as the README's main command does (validated)."""
+    artifact = tmp_path_factory.mktemp("demo") / "demo.dg"
+    assert dg_export(["-o", str(artifact)]) == 0
+    return artifact
+
+
+@pytest.fixture(scope="session")
 def hf_model():
     cache = {}
 

@@ -3,7 +3,6 @@
 import pytest
 
 from dg_export.builtin import builtin_checkpoint
-from dg_export.cli import main as dg_export
 from dg_export.demo.evaluate import evaluate_artifact, evaluate_transformers
 from dg_export.demo.tasks import held_out
 from dg_runtime.text import TextCodec
@@ -24,11 +23,8 @@ def test_solves_held_out_problems_with_default_settings(transformers_result):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_artifacts_score_like_transformers(tmp_path_factory, transformers_result, backend):
-    artifact = tmp_path_factory.getbasetemp() / "demo.dg"
-    if not artifact.exists():
-        assert dg_export(["-o", str(artifact)]) == 0
-    result, answers = evaluate_artifact(artifact, backend, PROBLEMS)
+def test_artifacts_score_like_transformers(demo_artifact, transformers_result, backend):
+    result, answers = evaluate_artifact(demo_artifact, backend, PROBLEMS)
     expected, reference_answers = transformers_result
     assert abs(result["accuracy"] - expected["accuracy"]) <= 0.01, (result, expected)
     assert sum(a == b for a, b in zip(answers, reference_answers)) >= 0.95 * len(PROBLEMS)
