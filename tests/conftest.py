@@ -1,6 +1,9 @@
 """Tiny DiffusionGemma checkpoints built from configs, exported once per test session."""
 
 import os
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,24 @@ def hf_model():
         return cache[checkpoint]
 
     return get
+
+
+@contextmanager
+def serving(model, **options):
+    """dg-serve's app on a free local port, in this process; yields its base URL."""
+    import uvicorn
+
+    from dg_serve.app import create_app
+    from dg_serve.cli import bind
+
+    listener = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(model, "demo", **options), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

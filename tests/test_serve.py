@@ -6,39 +6,21 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from openai import OpenAI
 
-from dg_runtime import DiffusionGemma, Settings
+from conftest import serving
+from dg_runtime import DiffusionGemma
 from dg_runtime.generate import trim_reply
 from dg_runtime.kv_cache import KVCache
-from dg_serve.app import create_app
 from dg_serve.cli import bind
 from dg_serve.cli import main as dg_serve
 from dg_serve.prefix_cache import PrefixCache
 
 PROMPTS = ["greet: alice", "upper: kqztabcd", "next: abcdefgh", "shout: " + "abcdefghij" * 4]
-
-
-@contextmanager
-def serving(model, **options):
-    """The app on a free local port, in this process; yields its base URL."""
-    listener = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "demo", **options), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module", params=["onnxruntime", "openvino"])
