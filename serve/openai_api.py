@@ -64,7 +64,7 @@ def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) 
         settings = model.defaults.with_overrides(max_new_tokens=max_tokens, **overrides)
         model.check_length(len(ids), settings)
     except UserError as exc:
-        raise ApiError(400, str(exc).replace("--max-new-tokens", "max_tokens")) from None
+        raise ApiError(400, api_names(str(exc))) from None
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2**31)
@@ -78,6 +78,14 @@ def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) 
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     return Request(chat, ids, settings, seed, stop_strings(body.get("stop")), stream,
                    bool(options.get("include_usage")), bool(body.get("stream_canvas")))
+
+
+def api_names(message: str) -> str:
+    """A runtime message with the API's field names in place of the runtime's and dg-run's."""
+    for runtime, field_name in [("--max-new-tokens", "max_tokens"), ("max_new_tokens", "max_tokens"),
+                                *((v, k) for k, v in EXTRA_FIELDS.items() if k != v)]:
+        message = message.replace(runtime, field_name)
+    return message
 
 
 def is_int(value) -> bool:

@@ -9,7 +9,8 @@ import pytest
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 OPTION = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
-MODULES = {"dg-export": "dg_export.cli", "dg-run": "dg_runtime.cli", "dg-quantize": "dg_quantize.cli"}
+MODULES = {"dg-export": "dg_export.cli", "dg-run": "dg_runtime.cli", "dg-quantize": "dg_quantize.cli",
+           "dg-serve": "dg_serve.cli"}
 
 
 def section(command: str) -> str:

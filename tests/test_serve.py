@@ -135,32 +135,35 @@ def test_eight_concurrent_streams_answer_as_serial_runs(model, url):
 
 
 LONG = 5000  # tokens: beyond the demo model's 4,096 positions
-BAD_REQUESTS = [
-    ("malformed JSON", b'{"messages": [', 400, None),
-    ("not an object", b"[1, 2]", 400, None),
-    ("missing messages", {"model": "demo"}, 400, "messages"),
-    ("empty messages", {"messages": []}, 400, "messages"),
-    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
-    ("non-string content", {"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),
-    ("max_tokens 0", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    ("max_tokens past the positions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, None),
-    ("prompt too long", {"messages": [{"role": "user", "content": "a" * LONG}]}, 400, None),
-    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-    ("n of 2", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-    ("bad steps", {"messages": [{"role": "user", "content": "hi"}], "steps": "many"}, 400, None),
-    ("bad seed", {"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
-    ("bad stop", {"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop"),
-    ("body over the limit", b'{"messages": "' + b"a" * (2 << 20) + b'"}', 413, None),
+HI = [{"role": "user", "content": "hi"}]
+BAD_REQUESTS = [  # name, body, status, param, words of the message
+    ("malformed JSON", b'{"messages": [', 400, None, "not valid JSON"),
+    ("not an object", b"[1, 2]", 400, None, "must be a JSON object"),
+    ("missing messages", {"model": "demo"}, 400, "messages", "messages must be a non-empty list"),
+    ("empty messages", {"messages": []}, 400, "messages", "messages must be a non-empty list"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "'wizard'"),
+    ("non-string content", {"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content",
+     "must be a string"),
+    ("max_tokens 0", {"messages": HI, "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+    ("max_tokens past the positions", {"messages": HI, "max_tokens": 10**6}, 400, None, "lower max_tokens"),
+    ("prompt too long", {"messages": [{"role": "user", "content": "a" * 5000}]}, 400, None, "shorten the prompt"),
+    ("unknown model", {"model": "gpt-9", "messages": HI}, 404, "model", "'gpt-9' does not exist"),
+    ("n of 2", {"messages": HI, "n": 2}, 400, "n", "n must be 1"),
+    ("bad steps", {"messages": HI, "steps": "many"}, 400, None, "steps must be a whole number"),
+    ("bad temperatures", {"messages": HI, "t_min": 0.9, "t_max": 0.5}, 400, None, "t_min < t_max"),
+    ("bad seed", {"messages": HI, "seed": -1}, 400, "seed", "seed must be"),
+    ("bad stop", {"messages": HI, "stop": [1]}, 400, "stop", "stop must be"),
+    ("body over the limit", b'{"messages": "' + b"a" * (2 << 20) + b'"}', 413, None, "over 1048576 bytes"),
 ]
 
 
-@pytest.mark.parametrize("name,body,status,param", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
-def test_bad_requests_get_an_openai_error(url, name, body, status, param):
+@pytest.mark.parametrize("name,body,status,param,words", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
+def test_bad_requests_get_an_openai_error(url, name, body, status, param, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=60)
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["message"] and error["type"] and error["param"] == param
+    assert words in error["message"] and error["type"] and error["param"] == param
     assert "Traceback" not in response.text
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
