@@ -78,22 +78,30 @@ def check_memory(weights_bytes: int) -> None:
                         "smaller recipe (cpu-int4-mixed), or free memory")
 
 
-def release_mapped_pages(path: Path) -> int:
+MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+
+
+def release_mapped_pages(path: Path, while_loading: bool = False) -> int:
     """Drop this process's resident pages of unmodified mappings of `path`; returns the bytes released.
 
-    Both backends map the weights file and, on first use, copy most weights into packed layouts of their own; the
-    mapped pages they read for that stay resident (counted twice: the file's and the copy) though they are not read
-    again. Dropping them is safe where no page of the mapping was written (its Anonymous count is 0): a page read
-    later (an embedding row, a weight used in place) comes back from the file. Call it only while the backend does
-    not map or unmap the file (after loading, during runs): ONNX Runtime unmaps tensors as it packs them while it
-    loads, and an address read from /proc/self/smaps could by then belong to a new allocation (seen: heap
-    corruption). Linux only; elsewhere a no-op.
+    Both backends map the weights file and copy most weights into packed layouts of their own (ONNX Runtime while it
+    loads, OpenVINO at first inference); the mapped pages they read for that stay resident (counted twice: the
+    file's and the copy) though they are not read again. A page read later (an embedding row, a weight used in
+    place) comes back from the file. Mappings with a written page (their Anonymous count is not 0) are left alone.
+
+    By default the pages are unmapped (MADV_DONTNEED: they stay in the page cache). That is only safe while the
+    backend does not map or unmap the file: ONNX Runtime unmaps tensors as it packs them while it loads, and an
+    address read from /proc/self/smaps may by then belong to a new allocation, whose memory DONTNEED would zero
+    (seen: heap corruption). `while_loading` uses MADV_PAGEOUT instead, a request to reclaim that never changes
+    memory's contents: a clean file page is dropped (read from disk again if needed), anything else stays or is
+    swapped out. It needs ownership of (or write access to) the file to drop file pages; without it, nothing is
+    released. Linux only; elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madv_dontneed, target = 4, str(Path(path).resolve())
+    advice, target = MADV_PAGEOUT if while_loading else MADV_DONTNEED, str(Path(path).resolve())
     mappings, current = [], None
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -107,22 +115,21 @@ def release_mapped_pages(path: Path) -> int:
                 current[2 if fields[0] == "Rss:" else 3] = int(fields[1])
     released = 0
     for start, end, resident, written in mappings:
-        if resident and not written and libc.madvise(start, end - start, madv_dontneed) == 0:
+        if resident and not written and libc.madvise(start, end - start, advice) == 0:
             released += resident * 1024
     return released
 
 
 @contextmanager
-def releasing_mapped_pages(path: Path, every: float = 0.5):
-    """Release `path`'s mapped pages every `every` seconds while the block runs (and once at its end): the first
-    runs read most of the weights file once (OpenVINO packs its weights then), and without this their pages would
-    add up to the whole file on top of the backend's own copy before the first release. Not while loading (see
-    release_mapped_pages)."""
+def releasing_mapped_pages(path: Path, while_loading: bool = False, every: float = 0.5):
+    """Release `path`'s mapped pages every `every` seconds while the block runs (and once at its end): loading or
+    the first runs read most of the weights file once, and without this their pages would add up to the whole
+    file on top of the backend's own copy before the first release."""
     stop = threading.Event()
 
     def release_until_stopped():
         while not stop.wait(every):
-            release_mapped_pages(path)
+            release_mapped_pages(path, while_loading)
 
     thread = threading.Thread(target=release_until_stopped, name="release-mapped-pages", daemon=True)
     thread.start()
@@ -131,7 +138,7 @@ def releasing_mapped_pages(path: Path, every: float = 0.5):
     finally:
         stop.set()
         thread.join()
-        release_mapped_pages(path)
+        release_mapped_pages(path, while_loading)
 
 
 def graph_name(port) -> str:

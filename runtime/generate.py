@@ -12,15 +12,16 @@
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .artifact import load_manifest
-from .backends import check_memory, format_entry, open_graph, release_mapped_pages
+from .backends import check_memory, format_entry, open_graph, release_mapped_pages, releasing_mapped_pages
 from .errors import UserError
-from .graph import STEP_OUTPUTS, ModelGraph
+from .graph import STEP_OUTPUTS, ModelGraph, worth_releasing
 from .kv_cache import KVCache
 from .noise import NoiseSource
 from .sampler import StableAndConfident, entropy_bound_accept, finalize_block, temperature
@@ -144,10 +145,12 @@ class DiffusionGemma:
         self.text = TextCodec(self.folder)
         weights_file = self.folder / format_entry(self.manifest, self.backend)[1]["weights"]
         check_memory(weights_file.stat().st_size)  # load_manifest checked that the file is there
-        session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
-        self.graph = ModelGraph(session, self.hidden_size, weights_file, encode_chunk=self.canvas_length)
-        if self.graph.weights_file:
-            release_mapped_pages(self.graph.weights_file)  # ONNX Runtime packed its weights while it loaded
+        release = weights_file if worth_releasing(weights_file) else None
+        with releasing_mapped_pages(release, while_loading=True) if release else nullcontext():
+            session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
+        if release:
+            release_mapped_pages(release)  # what a page-out could not drop (a file this user does not own)
+        self.graph = ModelGraph(session, self.hidden_size, release, encode_chunk=self.canvas_length)
         self.load_ms = (time.perf_counter() - started) * 1000
 
     def new_cache(self, batch: int = 1) -> KVCache:

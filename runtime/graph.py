@@ -11,19 +11,23 @@ from .backends import releasing_mapped_pages
 from .kv_cache import KVCache
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
-# The backends pack weights on first use (OpenVINO: when a node first runs; an expert, when a token first routes
-# to it): the weights file's pages read for that are released during the first runs. Reading /proc/self/smaps
+# The backends pack weights while loading (ONNX Runtime) or on first use (OpenVINO: when a node first runs; an
+# expert, when a token first routes to it): the weights file's pages read for that are released meanwhile. Reading /proc/self/smaps
 # costs ~10 ms a run, 8 times; from 32 MB of weights that is worth it (the medium stand-in's peak on OpenVINO:
 # int8 427 -> 351 MB, int4-mixed 367 -> 321 MB, fp32 950 -> 815 MB).
 WARMUP_RUNS = 8
 RELEASE_FROM_BYTES = 32 << 20
 
 
+def worth_releasing(weights_file: Path) -> bool:
+    return weights_file.is_file() and weights_file.stat().st_size >= RELEASE_FROM_BYTES
+
+
 class ModelGraph:
     def __init__(self, session, hidden_size: int, weights_file: Path | None = None, encode_chunk: int = 256):
+        """`weights_file`: the mapped file whose pages the first runs release (None: none)."""
         self.session, self.hidden_size, self.encode_chunk = session, hidden_size, encode_chunk
-        large = weights_file is not None and weights_file.is_file() and weights_file.stat().st_size >= RELEASE_FROM_BYTES
-        self.weights_file = weights_file if large else None
+        self.weights_file = weights_file
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
         self.runs = 0
 
