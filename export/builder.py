@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .graphs import graph_specs
+from .graphs import graph_specs, large_head
 from .weights import head_block
 
 OPSET = 21
@@ -476,7 +476,7 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onn
     with g.scope("head_tokens"):
         head_tokens = g.op("Slice", g.op("Shape", inputs["sample_uniform"]), g.const([1]), g.const([2]))
         x = g.op("Slice", x, g.op("Neg", head_tokens), g.const([np.iinfo(np.int64).max]), g.const([1]))
-    if g.target == "onnx" and c.config.canvas_length * c.vocab * 4 > HEAD_CHUNKING_FROM:
+    if g.target == "onnx" and large_head(c.config):
         outputs = head_in_chunks(g, x, inputs["temperature"], inputs["sample_uniform"], denoising, c)
     else:  # small heads gain nothing; OpenVINO reads weights inside a Loop body as inputs: no compressed kernels
         outputs = denoiser_head(g, x, inputs["temperature"], inputs["sample_uniform"], c,
@@ -488,7 +488,6 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onn
 
 
 HEAD_CHUNK = 32  # rows of the head at a time on ONNX Runtime: [32, 262144] temporaries are 34 MB at the 26B's size
-HEAD_CHUNKING_FROM = 64 << 20  # bytes of one [canvas, vocab] float tensor above which the head runs in chunks
 
 
 def head_in_chunks(g: Graph, x: str, temperature: str, uniform: str, denoising: str, c: ModelShape) -> dict[str, str]:
@@ -505,7 +504,7 @@ def head_in_chunks(g: Graph, x: str, temperature: str, uniform: str, denoising: 
         chunk = g.op("Where", divides, g.const([HEAD_CHUNK]), head_tokens)
         trips = g.op("Squeeze", g.op("Div", rows, chunk), g.const([0]))
         chunk_soft_rows = g.op("Where", denoising, chunk, g.const([0]))
-        names = ["argmax", "sampled", "entropy", "next_soft_embedding", "logits"]
+        names = ["argmax", "sampled", "entropy", "next_soft_embedding"]  # a large head's logits are no output
         with g.loop_body("head/loop") as (body_nodes, iteration, condition):
             start = g.op("Mul", g.op("Unsqueeze", iteration, g.const([0])), chunk)
             stop = g.op("Add", start, chunk)
@@ -518,13 +517,11 @@ def head_in_chunks(g: Graph, x: str, temperature: str, uniform: str, denoising: 
             [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
              helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
             [helper.make_tensor_value_info(name, dtype, None) for name, dtype in zip(body_outputs, [
-                TensorProto.BOOL, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT,
-                TensorProto.FLOAT])])
+                TensorProto.BOOL, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT, TensorProto.FLOAT])])
         stacked = g.op("Loop", trips, g.const(True, np.bool_), body=body, outputs=len(names))  # [trips, 1, chunk, ...]
         soft_rows = g.op("Where", denoising, head_tokens, g.const([0]))
         shapes = {"next_soft_embedding": g.op("Concat", g.op("Slice", batch_rows, g.const([0]), g.const([1])),
-                                              soft_rows, g.const([c.hidden]), axis=0),
-                  "logits": g.op("Concat", batch_rows, g.const([c.vocab]), axis=0)}
+                                              soft_rows, g.const([c.hidden]), axis=0)}
         # allowzero: no soft embedding rows when encoding is a real 0, not "keep this dimension"
         return {n: g.op("Reshape", value, shapes.get(n, batch_rows), allowzero=1) for n, value in zip(names, stacked)}
 

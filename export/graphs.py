@@ -17,6 +17,16 @@ def kv_layout(text_config) -> list[dict]:
     ]
 
 
+# Bytes of one [canvas, vocab] float tensor above which the head is "large": its logits are no graph output (the
+# runtime reads the head's argmax, samples, entropies and soft embedding; a 26B canvas' logits are 268 MB, which
+# ONNX Runtime's looped head would gather from every chunk), and the ONNX head runs in chunks of rows.
+LARGE_HEAD_BYTES = 64 << 20
+
+
+def large_head(config) -> bool:
+    return config.canvas_length * config.text_config.vocab_size * 4 > LARGE_HEAD_BYTES
+
+
 def _kv_tensors(layout, prefix: str, length_axis) -> list[dict]:
     tensors = []
     for i, layer in enumerate(layout):
@@ -27,7 +37,7 @@ def _kv_tensors(layout, prefix: str, length_axis) -> list[dict]:
     return tensors
 
 
-def graph_specs(config) -> dict:
+def graph_specs(config, logits: bool | None = None) -> dict:
     """The artifact's one graph. The encoder and the denoiser are the same layers with other masks, layer scalars and
     inputs, so one graph runs both and its weights are loaded once: `denoising` picks the mode.
 
@@ -37,7 +47,8 @@ def graph_specs(config) -> dict:
       previous step's soft embedding through self-conditioning.
     The head (final norm, LM head, sampling) reads the last `head_tokens` positions, as many as sample_uniform has:
     the whole canvas when denoising, the last token when encoding (its argmax is the autoregressive next token).
-    The next soft embedding is computed only when denoising ([B, 0, H] otherwise).
+    The next soft embedding is computed only when denoising ([B, 0, H] otherwise). The logits are an output unless
+    the head is large (`logits` None) or as asked.
     """
     text = config.text_config
     layout = kv_layout(text)
@@ -59,7 +70,8 @@ def graph_specs(config) -> dict:
                 {"name": "sampled", "dtype": "int64", "shape": ["batch", "head_tokens"]},
                 {"name": "entropy", "dtype": "float32", "shape": ["batch", "head_tokens"]},
                 {"name": "next_soft_embedding", "dtype": "float32", "shape": ["batch", "soft_rows", hidden]},
-                {"name": "logits", "dtype": "float32", "shape": ["batch", "head_tokens", vocab]},
+                *([{"name": "logits", "dtype": "float32", "shape": ["batch", "head_tokens", vocab]}]
+                  if (not large_head(config) if logits is None else logits) else []),
             ],
         },
     }

@@ -48,16 +48,17 @@ def test_head_in_chunks_matches_transformers(tmp_path, hf_model, monkeypatch):
     """The ONNX head as a Loop over row chunks (what large vocabularies get), forced on a tiny model: chunks of 8
     canvas rows, and a batch row at a time when encoding."""
     from conftest import make_checkpoint
-    from dg_export import builder
+    from dg_export import builder, graphs
     from dg_export.cli import main as dg_export
 
-    monkeypatch.setattr(builder, "HEAD_CHUNKING_FROM", 0)
+    monkeypatch.setattr(graphs, "LARGE_HEAD_BYTES", 0)
     monkeypatch.setattr(builder, "HEAD_CHUNK", 8)
     checkpoint = make_checkpoint(tmp_path / "checkpoint", "window8-top2")
     artifact = tmp_path / "chunked.dg"
     assert dg_export([str(checkpoint), "-o", str(artifact), "--no-validate"]) == 0
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
     assert [n.op_type for n in graph.node].count("Loop") == 1
+    assert "logits" not in [o.name for o in graph.output]  # a large head's logits are no output
     for prompt_length, batch in ((1, 1), (11, 2)):
         rows = validate(hf_model(checkpoint), artifact, load_manifest(artifact), ["onnxruntime"], ATOL, batch=batch,
                         prompt_length=prompt_length, chunk_length=3, seed=2)
