@@ -64,7 +64,7 @@ class Engine:
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.counts = {"served": 0, "cancelled": 0, "failed": 0}
-        self.running = False
+        self.running: Job | None = None
         self.mean_seconds = 1.0  # of a generation, for Retry-After
         self._thread = threading.Thread(target=self._work, name="dg-serve-engine", daemon=True)
 
@@ -72,6 +72,8 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        if (running := self.running) is not None:  # read once: the worker may finish it meanwhile
+            running.cancel()
         while True:
             try:
                 self.jobs.get_nowait().cancel()
@@ -91,7 +93,7 @@ class Engine:
             if job.cancelled.is_set():
                 self.counts["cancelled"] += 1
                 continue
-            self.running, started = True, time.perf_counter()
+            self.running, started = job, time.perf_counter()
             try:
                 self._generate(job)
             except UserError as exc:
@@ -102,7 +104,7 @@ class Engine:
                 self.counts["failed"] += 1
                 job.emit(Failed("the generation failed; the server log has the details", user_error=False))
             finally:
-                self.running = False
+                self.running = None
             self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - started)
 
     def _generate(self, job: Job) -> None:
