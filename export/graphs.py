@@ -52,6 +52,8 @@ def graph_specs(config, logits: bool | None = None) -> dict:
     """
     text = config.text_config
     layout = kv_layout(text)
+    if logits is None:
+        logits = not large_head(config)
     hidden, vocab = text.hidden_size, text.vocab_size
     return {
         "model": {
@@ -70,8 +72,7 @@ def graph_specs(config, logits: bool | None = None) -> dict:
                 {"name": "sampled", "dtype": "int64", "shape": ["batch", "head_tokens"]},
                 {"name": "entropy", "dtype": "float32", "shape": ["batch", "head_tokens"]},
                 {"name": "next_soft_embedding", "dtype": "float32", "shape": ["batch", "soft_rows", hidden]},
-                *([{"name": "logits", "dtype": "float32", "shape": ["batch", "head_tokens", vocab]}]
-                  if (not large_head(config) if logits is None else logits) else []),
+                *([{"name": "logits", "dtype": "float32", "shape": ["batch", "head_tokens", vocab]}] if logits else []),
             ],
         },
     }

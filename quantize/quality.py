@@ -127,7 +127,8 @@ def format_report(report: dict) -> str:
              "  backend      step argmax agree  step KL (nats)  steps/block (fp32)  tokens/forward (fp32)  "
              "tokens same" + ("  demo exact match (fp32)" if "demo_exact_match" in report["backends"][0] else "")]
     for row in report["backends"]:
-        line = (f"  {row['backend']:11}  {row['step_argmax_agreement'] * 100:16.2f} %  {'n/a' if row['step_kl_mean'] is None else format(row['step_kl_mean'], '.2e'):>14}  "
+        kl = "n/a" if row["step_kl_mean"] is None else f"{row['step_kl_mean']:.2e}"
+        line = (f"  {row['backend']:11}  {row['step_argmax_agreement'] * 100:16.2f} %  {kl:>14}  "
                 f"{row['steps_per_block']:8.2f} ({row['fp32_steps_per_block']:.2f})  "
                 f"{row['tokens_per_forward']:11.2f} ({row['fp32_tokens_per_forward']:.2f})  "
                 f"{row['generation_token_agreement'] * 100:9.1f} %")

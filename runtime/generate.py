@@ -245,6 +245,10 @@ class DiffusionGemma:
                             f"{needed} positions; the model has {self.max_positions}: shorten the prompt or "
                             "lower --max-new-tokens")
 
+    def reply(self, tokens: np.ndarray) -> np.ndarray:
+        """A row of generated tokens up to (not including) its first EOS or pad."""
+        return trim_reply(tokens, self.eos_ids, self.pad_id)
+
     def generate(self, input_ids, settings: Settings | None = None, seed: int = 0, **kwargs) -> Done:
         """Run `stream` to the end and return its Done event."""
         for event in self.stream(input_ids, settings, seed, **kwargs):
@@ -276,7 +280,7 @@ class Chat:
         input_ids = np.concatenate([self.unencoded, np.array([new_ids], dtype=np.int64)], axis=1)
         for event in self.model.stream(input_ids, self.settings, seed, cache=self.cache):
             yield event
-        reply = trim_reply(event.tokens[0], self.model.eos_ids, self.model.pad_id)
+        reply = self.model.reply(event.tokens[0])
         # Blocks before the last one were encoded during generation; the last reply block was not.
         encoded_blocks = len(event.stats.steps_per_block) - 1
         self.unencoded = reply[None, encoded_blocks * self.model.canvas_length:]

@@ -12,9 +12,9 @@ from .kv_cache import KVCache
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
 # The backends pack weights while loading (ONNX Runtime) or on first use (OpenVINO: when a node first runs; an
-# expert, when a token first routes to it): the weights file's pages read for that are released meanwhile. Reading /proc/self/smaps
-# costs ~10 ms a run, 8 times; from 32 MB of weights that is worth it (the medium stand-in's peak on OpenVINO:
-# int8 427 -> 351 MB, int4-mixed 367 -> 321 MB, fp32 950 -> 815 MB).
+# expert, when a token first routes to it): the weights file's pages read for that are released meanwhile.
+# Reading /proc/self/smaps costs ~10 ms a run, 8 times; from 32 MB of weights that is worth it (the medium
+# stand-in's peak on OpenVINO: int8 427 -> 351 MB, int4-mixed 367 -> 321 MB, fp32 950 -> 815 MB).
 WARMUP_RUNS = 8
 RELEASE_FROM_BYTES = 32 << 20
 

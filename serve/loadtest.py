@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from dg_runtime import DiffusionGemma
-from dg_runtime.generate import trim_reply
 
 from .cli import bind
 
@@ -82,7 +81,7 @@ def load_test(artifact: Path, backend: str, clients: int = 8, seconds: float = 6
     expected = {}
     for prompt, seed in cases:
         done = model.generate([model.text.chat_ids([{"role": "user", "content": prompt}])], seed=seed)
-        expected[prompt, seed] = model.text.decode(trim_reply(done.tokens[0], model.eos_ids, model.pad_id))
+        expected[prompt, seed] = model.text.decode(model.reply(done.tokens[0]))
     del model
 
     listener = bind("127.0.0.1", 0)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dg_runtime import DiffusionGemma, Settings, UserError
-from dg_runtime.generate import trim_reply
 
 # extra body field -> runtime setting
 EXTRA_FIELDS = {"steps": "max_denoising_steps", "entropy_bound": "entropy_bound", "t_max": "t_max", "t_min": "t_min",
@@ -157,7 +156,7 @@ class ReplyText:
     def add(self, block: np.ndarray) -> str:
         self.generated += block.tolist()
         kept = np.array(self.generated[: self.max_tokens], dtype=np.int64)
-        self.reply = trim_reply(kept, self.model.eos_ids, self.model.pad_id)
+        self.reply = self.model.reply(kept)
         if len(self.reply) < len(kept):
             self.finish_reason = "stop"
         elif len(self.generated) >= self.max_tokens:

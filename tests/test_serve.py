@@ -14,7 +14,6 @@ from openai import OpenAI
 
 from conftest import serving
 from dg_runtime import DiffusionGemma
-from dg_runtime.generate import trim_reply
 from dg_runtime.kv_cache import KVCache
 from dg_serve.cli import bind
 from dg_serve.cli import main as dg_serve
@@ -36,7 +35,7 @@ def url(model):
 
 def expected_reply(model, ids, seed, settings=None) -> tuple[str, int]:
     done = model.generate([ids], settings or model.defaults, seed=seed)
-    reply = trim_reply(done.tokens[0], model.eos_ids, model.pad_id)
+    reply = model.reply(done.tokens[0])
     return model.text.decode(reply), len(reply)
 
 

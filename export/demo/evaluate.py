@@ -51,7 +51,7 @@ def evaluate_artifact(artifact: Path, backend: str, problems) -> tuple[dict, lis
     answers, rates, started = [], [], time.perf_counter()
     for seed, (instruction, _) in enumerate(problems):
         done = model.generate([chat_prompt(model.text, instruction)], noise=NoiseSource(seed))
-        answers.append(model.text.decode(trim_reply(done.tokens[0], model.eos_ids, model.pad_id)))
+        answers.append(model.text.decode(model.reply(done.tokens[0])))
         rates.append(done.stats.tokens_per_forward)
     return score(answers, [a for _, a in problems], rates, time.perf_counter() - started), answers
 
