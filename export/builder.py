@@ -20,7 +20,6 @@ import onnx
 from onnx import TensorProto, helper
 
 from .graphs import graph_specs, large_head
-from .weights import head_block
 
 OPSET = 21
 FLOAT_MIN = float(np.finfo(np.float32).min)
@@ -94,6 +93,16 @@ class Graph:
             self.nodes = outer
 
     @contextmanager
+    def in_main_graph(self):
+        """Nodes made inside go to the main graph, also from within a Loop body: ONNX Runtime folds a weight's
+        constant expression there and frees the folded copy once it is packed (in a body it keeps it)."""
+        current, self.nodes = self.nodes, self.main_nodes
+        try:
+            yield
+        finally:
+            self.nodes = current
+
+    @contextmanager
     def scope(self, name: str):
         self._scope.append(name)
         try:
@@ -140,9 +149,8 @@ class Graph:
             self.initializers.append(tensor)
             name = tensor.name
             if tensor.data_type != TensorProto.FLOAT:  # stored narrower than it is computed
-                current, self.nodes = self.nodes, self.main_nodes
-                name = self.op("Cast", name, to=TensorProto.FLOAT)
-                self.nodes = current
+                with self.in_main_graph():
+                    name = self.op("Cast", name, to=TensorProto.FLOAT)
             self._weights[key] = name
         return self._weights[key]
 
@@ -211,10 +219,9 @@ def embed_tokens(g: Graph, ids: str, c: "ModelShape") -> str:
     with g.scope("embed_tokens"):
         if not g.weights.scheme(source).quantized:
             rows = g.op("Gather", g.weight(source, rows=c.vocab_rows), ids, axis=0)
-        else:  # uint8 rows (q + 128) and a scale per row
+        else:  # int8 rows and a scale per row
             parts = g.stored(source, "as_is", c.vocab_rows)
-            values = g.op("Sub", g.op("Cast", g.op("Gather", parts["weight"], ids, axis=0), to=TensorProto.FLOAT),
-                          g.const(128.0, np.float32))
+            values = g.op("Cast", g.op("Gather", parts["weight"], ids, axis=0), to=TensorProto.FLOAT)
             rows = g.op("Mul", values, g.op("Unsqueeze", g.op("Gather", parts["scale"], ids, axis=0), g.const([-1])))
         return g.op("Mul", rows, g.const(c.hidden**0.5, np.float32))
 
@@ -550,31 +557,29 @@ def denoiser_head(g: Graph, x: str, temperature: str, uniform: str, c: ModelShap
 
 
 def lm_head(g: Graph, flat: str, c: ModelShape) -> str:
-    """[N, hidden] -> [N, vocab] logits; an int8 head is the embedding's uint8 rows read by MatMulNBits (8 bits,
-    zero point 128) on ONNX Runtime, by a compressed MatMul on OpenVINO."""
+    """[N, hidden] -> [N, vocab] logits. An int8 head (the embedding's int8 rows, a scale per row): on ONNX Runtime
+    DynamicQuantizeMatMul on the rows transposed (a constant it folds at load, then packs for its int8 x int8
+    kernel); on OpenVINO a compressed MatMul."""
     if not g.weights.scheme(c.lm_head).quantized:
         return g.op("Gemm", flat, g.weight(c.lm_head, rows=c.vocab_rows), transB=1)
-    block = head_block(c.hidden)
     if g.target == "onnx":
-        blocks = c.hidden // block
-        parts = g.stored(c.lm_head, "as_is", c.vocab_rows, weight=(TensorProto.UINT8, [c.vocab, blocks, block]),
-                         block_scale=(TensorProto.FLOAT, [c.vocab * blocks]))
-        return g.op("MatMulNBits", flat, parts["weight"], parts["block_scale"], domain=CONTRIB, K=c.hidden, N=c.vocab,
-                    bits=8, block_size=block, accuracy_level=4)
+        parts = g.stored(c.lm_head, "as_is", c.vocab_rows)
+        with g.in_main_graph():
+            columns = g.op("Transpose", parts["weight"], perm=[1, 0])
+        return g.op("DynamicQuantizeMatMul", flat, columns, parts["scale"], domain=CONTRIB)
     return g.op("MatMul", flat, g.op("Transpose", dequantized_embedding(g, c.lm_head, c), perm=[1, 0]))
 
 
 def dequantized_embedding(g: Graph, source: str, c: ModelShape) -> str:
-    """OpenVINO's form of a uint8 embedding (or untied LM head): (q - 128) * row scale, folded by its plugin into
-    the MatMul."""
+    """OpenVINO's form of an int8 embedding (or untied LM head): q * row scale, folded by its plugin into the
+    MatMul."""
     parts = g.stored(source, "as_is", c.vocab_rows, scale=(TensorProto.FLOAT, [c.vocab, 1]))
-    values = g.op("Sub", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), g.const(128.0, np.float32))
-    return g.op("Mul", values, parts["scale"])
+    return g.op("Mul", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), parts["scale"])
 
 
 def soft_embedding(g: Graph, probs: str, c: ModelShape) -> str:
     """probs @ embedding * sqrt(hidden). An int8 embedding's row scales fold into probs, so ONNX Runtime's int8
-    kernel reads the uint8 rows as a [vocab, hidden] matrix with one scale."""
+    kernel reads the int8 rows as a [vocab, hidden] matrix with one scale."""
     source = f"{c.embed_prefix}.embed_tokens.weight"
     scheme = g.weights.scheme(source)
     if not scheme.quantized:
@@ -582,8 +587,7 @@ def soft_embedding(g: Graph, probs: str, c: ModelShape) -> str:
     elif g.target == "onnx":
         parts = g.stored(source, "as_is", c.vocab_rows)
         product = g.op("DynamicQuantizeMatMul", g.op("Mul", probs, parts["scale"]), parts["weight"],
-                       g.const(np.ones(c.hidden), np.float32), g.const(np.full(c.hidden, 128), np.uint8),
-                       domain=CONTRIB)
+                       g.const(np.ones(c.hidden), np.float32), domain=CONTRIB)
     else:
         product = g.op("MatMul", probs, dequantized_embedding(g, source, c))
     return g.op("Mul", product, g.const(c.hidden**0.5, np.float32))

@@ -88,7 +88,7 @@ def recipe_sizes(config) -> list[tuple[str, int, str]]:
     rows = []
     for name in available():
         precision = Precision(load_recipe(name)["weights"])
-        size = sum(stored_size(source, shape, precision.scheme(source, shape)) for source, shape in shapes.items())
+        size = sum(stored_size(shape, precision.scheme(source, shape)) for source, shape in shapes.items())
         rows.append((name, size, precision.label()))
     return rows
 

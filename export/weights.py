@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from dg_quantize.roles import role_of
 from dg_quantize.schemes import Scheme, dequantize_int4, dequantize_int8, int4_groups, int8_channels
 
 from .checkpoint import row_chunks
@@ -133,18 +132,13 @@ def transposed(layout: str, scheme: Scheme) -> bool:
 def encode(chunk: np.ndarray, scheme: Scheme, layout: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A chunk of checkpoint rows in its stored form, and its quantization side data (scale, zero point).
 
-    int8 matrices are int8 with a scale per output channel; the embedding (layout as_is, also read by the LM head
-    through MatMulNBits, whose 8-bit zero point is 128) is stored as uint8 = q + 128 with a scale per row.
+    int8 matrices are int8 with a scale per output channel (the embedding: per row, as the checkpoint has it).
     """
     if scheme.format in STORED:
         return chunk.astype(STORED[scheme.format if chunk.ndim > 1 else "fp32"][0], copy=False), {}
     if scheme.format == "int8":
         q, scale = int8_channels(chunk)
-        if layout == "linear":
-            return q, {"scale": scale}
-        # The LM head's MatMulNBits wants a scale per block of the row: the row's scale, repeated.
-        block_scale = np.repeat(scale[:, None], chunk.shape[-1] // head_block(chunk.shape[-1]), axis=1)
-        return (q.astype(np.int16) + 128).astype(np.uint8), {"scale": scale, "block_scale": block_scale}
+        return q, {"scale": scale}
     lead = chunk.shape[:-2]
     packed, scale, zero = int4_groups(chunk.reshape(-1, chunk.shape[-1]), scheme.group, scheme.sym)
     rows = chunk.shape[-2]
@@ -162,9 +156,8 @@ def decode(parts: dict[str, np.ndarray], scheme: Scheme, layout: str) -> tuple[n
         return (np.swapaxes(data, -1, -2) if layout == "linear" else data).astype(np.float32), 0.0
     scale = parts["scale"]
     if scheme.format == "int8":
-        if layout == "linear":
-            return dequantize_int8(np.swapaxes(data, -1, -2), scale), scale[..., None] / 2
-        return dequantize_int8(data.astype(np.int16) - 128, scale), scale[..., None] / 2
+        rows = np.swapaxes(data, -1, -2) if layout == "linear" else data
+        return dequantize_int8(rows, scale), scale[..., None] / 2
     lead, rows = data.shape[:-3], data.shape[-3]
     flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
     values = dequantize_int4(data.reshape(-1, *data.shape[-2:]), flat(scale), flat(parts.get("zero")))
@@ -172,27 +165,17 @@ def decode(parts: dict[str, np.ndarray], scheme: Scheme, layout: str) -> tuple[n
     return values.reshape(*lead, rows, -1), step.reshape(*lead, rows, -1)
 
 
-def stored_size(source: str, shape: tuple, scheme: Scheme) -> int:
+def stored_size(shape: tuple, scheme: Scheme) -> int:
     """Bytes `encode` writes for a tensor (and its scales): what --dry-run adds up per recipe."""
     count = int(np.prod(shape))
     if len(shape) < 2 or scheme.format == "fp32":
         return 4 * count
-    rows, columns = count // shape[-1], shape[-1]
     if scheme.format == "fp16":
         return 2 * count
     if scheme.format == "int8":
-        block_scale = 4 * rows * (columns // head_block(columns)) if role_of(source) == "embedding" else 0
-        return count + 4 * rows + block_scale
+        return count + 4 * (count // shape[-1])  # a scale per row (of the checkpoint's [out, in])
     groups = count // scheme.group
     return count // 2 + 2 * groups * (1 if scheme.sym else 2)
-
-
-def head_block(hidden: int) -> int:
-    """The MatMulNBits block for the int8 LM head: the largest power of two up to 256 that divides the width."""
-    block = 256
-    while hidden % block:
-        block //= 2
-    return block
 
 
 class Location:

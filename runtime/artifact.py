@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import UserError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2  # 2: one graph for the encoder and the denoiser
+FORMAT_VERSION = 3  # 2: one graph for the encoder and the denoiser; 3: the int8 embedding stored int8
 GRAPH_NAMES = ("model",)
 
 
