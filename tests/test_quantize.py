@@ -181,3 +181,49 @@ def test_quantizing_an_artifact_equals_quantizing_the_checkpoint(tmp_path, demo_
     assert dg_quantize([str(tmp_path), "-o", str(tmp_path / "d.dg"), "--weight-format", "int8"]) == 2
     assert "not an artifact folder" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("c.dg", "d.dg"))
+
+
+def test_int8_head_in_chunks_matches_the_whole_head(tmp_path, monkeypatch):
+    """A large int8 head on ONNX Runtime (a Loop over row chunks, forced on a tiny model) gives the outputs of the same
+    weights' head in one piece, and the transposed embedding it reads is made in the main graph (folded and freed
+    once packed at load; inside the Loop body ONNX Runtime keeps the folded copy)."""
+    from dg_export import builder, graphs
+    from dg_runtime.artifact import load_manifest
+    from dg_runtime.backends import open_graph
+    from dg_runtime.graph import STEP_OUTPUTS, ModelGraph
+    from dg_runtime.kv_cache import KVCache
+
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", "window8-top2")
+    whole, chunked = tmp_path / "whole.dg", tmp_path / "chunked.dg"
+    options = ["--weight-format", "int8", "--format", "onnx", "--no-validate"]
+    assert dg_export([str(checkpoint), "-o", str(whole), *options]) == 0
+    monkeypatch.setattr(graphs, "LARGE_HEAD_BYTES", 0)
+    monkeypatch.setattr(builder, "HEAD_CHUNK", 8)
+    assert dg_export([str(checkpoint), "-o", str(chunked), *options]) == 0
+    graph = onnx.load(str(chunked / "model.onnx"), load_external_data=False).graph
+    body = next(n for n in graph.node if n.op_type == "Loop").attribute[0].g
+    assert "Transpose" in [n.op_type for n in graph.node] and "Transpose" not in [n.op_type for n in body.node]
+    assert [n.op_type for n in body.node].count("DynamicQuantizeMatMul") == 2  # the LM head and the soft embedding
+
+    results = []
+    for artifact in (whole, chunked):
+        manifest = load_manifest(artifact)
+        model = manifest["model"]
+        run = ModelGraph(open_graph(artifact, manifest, "onnxruntime"), model["hidden_size"])
+        cache = KVCache(model["kv_layout"], model["sliding_window"], 2)
+        next_token = run.encode(cache, np.random.default_rng(5).integers(0, model["vocab_size"], (2, 11)))
+        length = model["canvas_length"]
+        canvas = np.random.default_rng(6).integers(0, model["vocab_size"], (2, length))
+        positions = np.broadcast_to(np.arange(11, 11 + length), canvas.shape).copy()
+        soft = np.random.default_rng(7).normal(0, 1, (2, length, model["hidden_size"])).astype(np.float32)
+        uniform = np.random.default_rng(8).random(canvas.shape, dtype=np.float32)
+        feeds = run.denoiser_feeds(cache, canvas, soft, positions, np.array(0.7, np.float32), uniform)
+        results.append(dict(zip(["next", *STEP_OUTPUTS], [next_token, *run.run(STEP_OUTPUTS, feeds)])))
+    whole_out, chunked_out = results
+    assert np.array_equal(whole_out["next"], chunked_out["next"])
+    assert np.array_equal(whole_out["argmax"], chunked_out["argmax"])
+    # DynamicQuantizeMatMul quantizes its activations with one scale per call: a chunk's scale is not the canvas',
+    # so entropies move by about an int8 activation step and an inverse-CDF sample can land one token over.
+    assert np.allclose(whole_out["entropy"], chunked_out["entropy"], atol=1e-3)
+    assert np.mean(whole_out["sampled"] == chunked_out["sampled"]) >= 0.95
+    assert np.allclose(whole_out["next_soft_embedding"], chunked_out["next_soft_embedding"], atol=1e-3)
