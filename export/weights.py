@@ -91,7 +91,7 @@ class Weights:
         extra: dict[str, list] = {}
         for start, stop in row_chunks(shape, whole=transpose and len(shape) == 2):
             chunk = self.checkpoint.read(stored, start, stop)
-            data, side = encode(chunk, scheme, layout)
+            data, side = encode(chunk, scheme)
             read_bytes = chunk.size * 4
             del chunk
             if transpose:
@@ -129,7 +129,7 @@ def transposed(layout: str, scheme: Scheme) -> bool:
     return layout == "linear" and scheme.format != "int4"
 
 
-def encode(chunk: np.ndarray, scheme: Scheme, layout: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def encode(chunk: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A chunk of checkpoint rows in its stored form, and its quantization side data (scale, zero point).
 
     int8 matrices are int8 with a scale per output channel (the embedding: per row, as the checkpoint has it).
