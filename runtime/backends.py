@@ -1,6 +1,7 @@
 """One small class per backend with the same `run(output_names, feeds)` call, and the checks that go with it."""
 
 import ctypes
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -79,6 +80,7 @@ def check_memory(weights_bytes: int) -> None:
 
 
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+TRIM_EVERY = 4  # a trim walks the whole heap (0.8 s at the 26B's 18 GB): every 2 s while loading
 
 
 def release_mapped_pages(path: Path, while_loading: bool = False) -> int:
@@ -120,16 +122,44 @@ def release_mapped_pages(path: Path, while_loading: bool = False) -> int:
     return released
 
 
+def trim_heap() -> int:
+    """Return the C heap's free pages to the kernel (glibc's malloc_trim); the bytes of RSS it gave back.
+
+    Loading leaves much freed memory in the heap: the backends convert and copy weights through temporary buffers
+    while packing them, and glibc keeps freed pages that are not at the top of an arena. Measured on the 26B's
+    int4 artifact on ONNX Runtime: 0.9 GB of its 18.2 GB after loading (that amount varied from run to run
+    before). Elsewhere (not glibc) a no-op."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and others: no malloc_trim
+        return 0
+    before = resident_bytes()
+    malloc_trim(0)
+    return max(before - resident_bytes(), 0)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 @contextmanager
 def releasing_mapped_pages(path: Path, while_loading: bool = False, every: float = 0.5):
     """Release `path`'s mapped pages every `every` seconds while the block runs (and once at its end): loading or
     the first runs read most of the weights file once, and without this their pages would add up to the whole
-    file on top of the backend's own copy before the first release."""
+    file on top of the backend's own copy before the first release. While loading, the heap is trimmed too (every
+    TRIM_EVERY releases), so that the packing's freed buffers do not add up to the loading's peak either."""
     stop = threading.Event()
 
     def release_until_stopped():
+        releases = 0
         while not stop.wait(every):
             release_mapped_pages(path, while_loading)
+            releases += 1
+            if while_loading and releases % TRIM_EVERY == 0:
+                trim_heap()
 
     thread = threading.Thread(target=release_until_stopped, name="release-mapped-pages", daemon=True)
     thread.start()
@@ -139,6 +169,8 @@ def releasing_mapped_pages(path: Path, while_loading: bool = False, every: float
         stop.set()
         thread.join()
         release_mapped_pages(path, while_loading)
+        if while_loading:
+            trim_heap()
 
 
 def graph_name(port) -> str:
