@@ -80,7 +80,7 @@ def check_memory(weights_bytes: int) -> None:
 
 
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21
-TRIM_EVERY = 4  # a trim walks the whole heap (0.8 s at the 26B's 18 GB): every 2 s while loading
+TRIM_EVERY = 4  # a trim walks the whole heap (0.8 s at the 26B's 18 GB): every 2 s
 
 
 def release_mapped_pages(path: Path, while_loading: bool = False) -> int:
@@ -149,8 +149,8 @@ def resident_bytes() -> int:
 def releasing_mapped_pages(path: Path, while_loading: bool = False, every: float = 0.5):
     """Release `path`'s mapped pages every `every` seconds while the block runs (and once at its end): loading or
     the first runs read most of the weights file once, and without this their pages would add up to the whole
-    file on top of the backend's own copy before the first release. While loading, the heap is trimmed too (every
-    TRIM_EVERY releases), so that the packing's freed buffers do not add up to the loading's peak either."""
+    file on top of the backend's own copy before the first release. The heap is trimmed too (every TRIM_EVERY
+    releases, and at the end), so that the buffers freed while packing do not add up to the peak either."""
     stop = threading.Event()
 
     def release_until_stopped():
@@ -158,7 +158,7 @@ def releasing_mapped_pages(path: Path, while_loading: bool = False, every: float
         while not stop.wait(every):
             release_mapped_pages(path, while_loading)
             releases += 1
-            if while_loading and releases % TRIM_EVERY == 0:
+            if releases % TRIM_EVERY == 0:
                 trim_heap()
 
     thread = threading.Thread(target=release_until_stopped, name="release-mapped-pages", daemon=True)
@@ -169,8 +169,7 @@ def releasing_mapped_pages(path: Path, while_loading: bool = False, every: float
         stop.set()
         thread.join()
         release_mapped_pages(path, while_loading)
-        if while_loading:
-            trim_heap()
+        trim_heap()
 
 
 def graph_name(port) -> str:
