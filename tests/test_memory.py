@@ -81,6 +81,27 @@ def test_written_mappings_are_left_alone(tmp_path, while_loading):
     assert int(mapped.min()) == 7  # dropping these pages would have lost the writes
 
 
+HEAP_WITH_A_HOLE = """
+import ctypes
+from dg_runtime.backends import trim_heap
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+blocks = [libc.malloc(64 << 10) for _ in range(4096)]  # 256 MB in blocks small enough to come from the heap
+for block in blocks:
+    ctypes.memset(block, 1, 64 << 10)
+for block in blocks[:-1]:  # the last block keeps the heap's top: the freed 256 MB below it stay resident
+    libc.free(block)
+print(trim_heap())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_trimming_the_heap_gives_freed_memory_back():
+    result = subprocess.run([sys.executable, "-c", HEAP_WITH_A_HOLE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) >= 200e6
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_releasing_pages_while_loading_and_warming_up_keeps_the_tokens(demo_artifacts, backend, monkeypatch):
     """The demo's weights are below the size that releases pages: force it, and compare with a load that does not."""
