@@ -1,6 +1,7 @@
 """One small class per backend with the same `run(output_names, feeds)` call, and the checks that go with it."""
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -129,15 +130,22 @@ def trim_heap() -> int:
     while packing them, and glibc keeps freed pages that are not at the top of an arena. Measured on the 26B's
     int4 artifact on ONNX Runtime: 0.9 GB of its 18.2 GB after loading (that amount varied from run to run
     before). Elsewhere (not glibc) a no-op."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and others: no malloc_trim
+    malloc_trim = glibc_malloc_trim()
+    if malloc_trim is None:
         return 0
     before = resident_bytes()
     malloc_trim(0)
     return max(before - resident_bytes(), 0)
+
+
+@functools.cache
+def glibc_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and others: no malloc_trim
+        return None
 
 
 def resident_bytes() -> int:

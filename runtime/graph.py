@@ -2,12 +2,12 @@
 cache, and a denoising step over the canvas. The encoder and the denoiser share the graph so that their weights
 are loaded once."""
 
-from contextlib import nullcontext
+import time
 from pathlib import Path
 
 import numpy as np
 
-from .backends import releasing_mapped_pages
+from .backends import release_mapped_pages, releasing_mapped_pages, trim_heap
 from .kv_cache import KVCache
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
@@ -15,7 +15,11 @@ STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
 # expert, when a token first routes to it): the weights file's pages read for that are released meanwhile.
 # Reading /proc/self/smaps costs ~10 ms a run, 8 times; from 32 MB of weights that is worth it (the medium
 # stand-in's peak on OpenVINO: int8 427 -> 351 MB, int4-mixed 367 -> 321 MB, fp32 950 -> 815 MB).
+# Past the warm-up the heap still grows (the 26B on ONNX Runtime: 20-40 MB a step, as each step's routing sizes
+# its temporaries anew; +0.6 GB over a block) and weights read in place (embedding rows) come back from the file:
+# after a run, at most once every UPKEEP_SECONDS, the heap is trimmed and the pages released again (~10 ms).
 WARMUP_RUNS = 8
+UPKEEP_SECONDS = 1.0
 RELEASE_FROM_BYTES = 32 << 20
 
 
@@ -29,13 +33,21 @@ class ModelGraph:
         self.session, self.hidden_size, self.encode_chunk = session, hidden_size, encode_chunk
         self.weights_file = weights_file
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
-        self.runs = 0
+        self.runs, self.last_upkeep = 0, time.monotonic()
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.runs += 1
-        warming_up = self.weights_file is not None and self.runs <= WARMUP_RUNS
-        with releasing_mapped_pages(self.weights_file) if warming_up else nullcontext():
+        if self.weights_file is None:
             return self.session.run(outputs, feeds)
+        if self.runs <= WARMUP_RUNS:
+            with releasing_mapped_pages(self.weights_file):
+                return self.session.run(outputs, feeds)
+        results = self.session.run(outputs, feeds)
+        if time.monotonic() - self.last_upkeep >= UPKEEP_SECONDS:
+            trim_heap()
+            release_mapped_pages(self.weights_file)
+            self.last_upkeep = time.monotonic()
+        return results
 
     def encoder_feeds(self, cache: KVCache, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Causal mode over tokens not yet cached; the head reads only the last one."""
