@@ -144,7 +144,7 @@ class DiffusionGemma:
         self.defaults = Settings.from_generation_config(json.loads(generation.read_text()) if generation.is_file() else {})
         self.text = TextCodec(self.folder)
         weights_file = self.folder / format_entry(self.manifest, self.backend)[1]["weights"]
-        check_memory(weights_file.stat().st_size)  # load_manifest checked that the file is there
+        check_memory(weights_file.stat().st_size, self.backend)  # load_manifest checked that the file is there
         release = weights_file if worth_releasing(weights_file) else None
         with releasing_mapped_pages(release, while_loading=True) if release else nullcontext():
             session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)

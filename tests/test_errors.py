@@ -151,7 +151,7 @@ def test_artifact_too_large_for_memory_is_refused_before_loading(exported, capsy
     monkeypatch.setattr(dg_runtime.backends, "available_memory", lambda: 200_000_000)
     assert dg_run([str(artifact), "hello"]) == 2
     line = one_error_line(capsys, "dg-run")
-    assert "needs about 0.3 GB of memory" in line and "0.2 GB are available" in line
+    assert "needs about 0.3 GB of memory on onnxruntime" in line and "0.2 GB are available" in line
 
 
 def test_bad_prompts(exported, capsys, tmp_path):
