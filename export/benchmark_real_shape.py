@@ -52,12 +52,14 @@ def measure(artifact: str, backend: str) -> dict:
 
     started = time.perf_counter()
     model = DiffusionGemma(artifact, backend)
-    figures = {"load_s": time.perf_counter() - started, "rss_after_load": resident()["VmRSS"]}
+    figures = {"load_s": time.perf_counter() - started, "rss_after_load": resident()["VmRSS"],
+               "load_peak": resident()["VmHWM"]}
     rng = np.random.default_rng(0)
     cache = model.new_cache(1)
     started = time.perf_counter()
     model.graph.encode(cache, rng.integers(3, model.vocab_size, (1, PROMPT_TOKENS - 1)))
     figures["prefill_s"] = time.perf_counter() - started
+    figures["rss_after_prefill"] = resident()["VmRSS"]
 
     settings = model.defaults.with_overrides(max_new_tokens=model.canvas_length)
     for event in model.stream(rng.integers(3, model.vocab_size, (1, 1)), settings, seed=0, cache=cache):
@@ -110,14 +112,16 @@ def main(argv=None) -> None:
           f"{exported['export_peak_bytes'] / gb:.2f} GB; artifact {size / gb:.2f} GB ({weights / gb:.2f} GB of "
           f"weights; runtime memory limit 1.2 x weights + 0.3 GB = {(1.2 * weights + 0.3 * gb) / gb:.2f} GB)\n")
     s_low, s_high = STEPS_PER_BLOCK
-    print(f"| backend | load s | RSS after load GB | peak RSS GB | prefill {PROMPT_TOKENS} tokens s | denoiser step s "
+    print(f"| backend | load s | RSS after load GB | peak while loading GB | RSS after prefill GB | peak RSS GB "
+          f"| prefill {PROMPT_TOKENS} tokens s | denoiser step s "
           f"| steps in the block | encode 256 s | autoregressive step s | diffusion tok/s at {s_low} / {s_high} "
           "steps per block | autoregressive tok/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for backend, r in rows.items():
         per_block = [(s * r["step_s"] + r["encode_block_s"]) for s in STEPS_PER_BLOCK]
         canvas = manifest["model"]["canvas_length"]
-        print(f"| {backend} | {r['load_s']:.1f} | {r['rss_after_load'] / gb:.2f} | {r['peak_rss'] / gb:.2f} | "
+        print(f"| {backend} | {r['load_s']:.1f} | {r['rss_after_load'] / gb:.2f} | {r['load_peak'] / gb:.2f} | "
+              f"{r['rss_after_prefill'] / gb:.2f} | {r['peak_rss'] / gb:.2f} | "
               f"{r['prefill_s']:.3g} | {r['step_s']:.3g} | {r['steps']} of {r['max_steps']} | "
               f"{r['encode_block_s']:.3g} | {r['ar_step_s']:.3g} | {canvas / per_block[0]:.3g} / {canvas / per_block[1]:.3g} "
               f"| {1 / r['ar_step_s']:.3g} |")
