@@ -52,8 +52,8 @@ def measure(artifact: str, backend: str) -> dict:
 
     started = time.perf_counter()
     model = DiffusionGemma(artifact, backend)
-    figures = {"load_s": time.perf_counter() - started, "rss_after_load": resident()["VmRSS"],
-               "load_peak": resident()["VmHWM"]}
+    loaded = resident()
+    figures = {"load_s": time.perf_counter() - started, "rss_after_load": loaded["VmRSS"], "load_peak": loaded["VmHWM"]}
     rng = np.random.default_rng(0)
     cache = model.new_cache(1)
     started = time.perf_counter()
