@@ -28,11 +28,11 @@ def soft_embedding(model, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode(model, cache: DynamicCache, input_ids: np.ndarray, start: int) -> np.ndarray:
-    """Fill the cache; returns the autoregressive next token after the last input ([B]): the argmax of the LM head
-    on the encoder's (normed) last hidden state."""
+    """Fill the cache; returns the LM head's logits after the last input ([B, V]) on the encoder's (normed) last
+    hidden state: their argmax is the autoregressive next token."""
     positions = torch.arange(start, start + input_ids.shape[1])[None]
     hidden = model.model.encoder(input_ids=torch.from_numpy(input_ids), cache=cache, position_ids=positions)
-    return model.lm_head(hidden.last_hidden_state[:, -1]).argmax(-1).numpy()
+    return model.lm_head(hidden.last_hidden_state[:, -1]).numpy()
 
 
 def cache_arrays(cache: DynamicCache) -> list[np.ndarray]:
@@ -54,9 +54,11 @@ def denoise(model, cache, canvas_ids, self_conditioning_logits, position_ids, te
 @torch.no_grad()
 def step_outputs(logits, embedding, embed_scale, temperature, uniform) -> dict:
     """What the graph outputs in a denoising step for a step's softcapped logits: the sampler's view of them (as
-    transformers' generate computes it) and the next step's soft embedding (as its decoder computes it)."""
-    processed = logits / torch.tensor(temperature, dtype=torch.float32)
-    probs = processed.softmax(dim=-1, dtype=torch.float32)
+    transformers' generate computes it) and the next step's soft embedding (as its decoder computes it), in the
+    logits' precision (float32 as transformers runs, or float64 for the reference validation judges against)."""
+    logits = logits.to(embedding.dtype)  # transformers returns float32 logits from a float64 model too
+    processed = logits / torch.tensor(temperature, dtype=logits.dtype)
+    probs = processed.softmax(dim=-1, dtype=logits.dtype)
     outputs = {
         "argmax": processed.argmax(-1),
         "sampled": inverse_cdf_sample(probs, torch.from_numpy(uniform)),

@@ -149,19 +149,19 @@ def encode(chunk: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, dict[str, np.
 
 
 def decode(parts: dict[str, np.ndarray], scheme: Scheme, layout: str) -> tuple[np.ndarray, np.ndarray | float]:
-    """Stored rows back in the checkpoint's layout, and how far each may be from the checkpoint's value (half a
-    quantization step; 0 for floats): the inverse of `encode`, for checking the weights file."""
+    """Stored rows back in the checkpoint's layout, in float64, and how far each may be from the checkpoint's value
+    (half a quantization step; 0 for floats): the inverse of `encode`, for checking the weights file."""
     data = parts["weight"]
     if not scheme.quantized:
-        return (np.swapaxes(data, -1, -2) if layout == "linear" else data).astype(np.float32), 0.0
+        return (np.swapaxes(data, -1, -2) if layout == "linear" else data).astype(np.float64), 0.0
     scale = parts["scale"]
     if scheme.format == "int8":
         rows = np.swapaxes(data, -1, -2) if layout == "linear" else data
-        return dequantize_int8(rows, scale), scale[..., None] / 2
+        return dequantize_int8(rows, scale), scale[..., None].astype(np.float64) / 2
     lead, rows = data.shape[:-3], data.shape[-3]
     flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
     values = dequantize_int4(data.reshape(-1, *data.shape[-2:]), flat(scale), flat(parts.get("zero")))
-    step = np.repeat(flat(scale), scheme.group, axis=-1) / 2
+    step = np.repeat(flat(scale).astype(np.float64), scheme.group, axis=-1) / 2
     return values.reshape(*lead, rows, -1), step.reshape(*lead, rows, -1)
 
 

@@ -93,13 +93,13 @@ def fp16_scale(scale: np.ndarray) -> np.ndarray:
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 [..., out, in] (as the checkpoint orders it) -> floats."""
-    return q.astype(np.float32) * scale[..., None]
+    """int8 [..., out, in] (as the checkpoint orders it) -> float64 (exact: the check must not round)."""
+    return q.astype(np.float64) * scale[..., None]
 
 
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-    """The inverse of int4_groups: [out, in/group, group/2] -> [out, in] floats."""
-    q = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.float32)
+    """The inverse of int4_groups: [out, in/group, group/2] -> [out, in] float64 (exact)."""
+    q = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.float64)
     q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
-    values = (q - (8 if zero is None else zero[..., None].astype(np.float32))) * scale[..., None].astype(np.float32)
+    values = (q - (8 if zero is None else zero[..., None].astype(np.float64))) * scale[..., None].astype(np.float64)
     return values.reshape(packed.shape[0], -1)
