@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import UserError
+from .errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 3  # 2: one graph for the encoder and the denoiser; 3: the int8 embedding stored int8
@@ -34,36 +34,35 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def load_manifest(folder: Path, verify_checksums: bool = True) -> dict:
-    """Read and check an artifact folder's manifest; raise UserError naming the first problem found."""
+    """Read and check an artifact folder's manifest; raise ArtifactError naming the first problem found."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"artifact folder {folder} does not exist; export one with `dg-export MODEL -o {folder}`")
+        raise ArtifactError(f"artifact folder {folder} does not exist; export one with `dg-export MODEL -o {folder}`",
+                            folder)
     path = folder / MANIFEST_NAME
     if not path.is_file():
-        raise UserError(f"{folder} has no {MANIFEST_NAME}: it is not a dg-export artifact (re-export it)")
+        raise ArtifactError(f"{folder} has no {MANIFEST_NAME}: it is not a dg-export artifact (re-export it)", folder)
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-export the artifact") from None
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the artifact", path) from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has format version {version!r}; this runtime reads version {FORMAT_VERSION}: "
-            "re-export the artifact with a matching dg-export, or upgrade dg-edge"
-        )
+        raise ArtifactError(f"{path} has format version {version!r}; this runtime reads version {FORMAT_VERSION}: "
+                            "re-export the artifact with a matching dg-export, or upgrade dg-edge", path)
     problem = schema_problem(manifest, SCHEMA)
     if problem:
-        raise UserError(f"{path} is not a valid manifest ({problem}); re-export the artifact")
+        raise ArtifactError(f"{path} is not a valid manifest ({problem}); re-export the artifact", path)
     for name, entry in manifest["files"].items():
         file = folder / name
         if not file.is_file():
-            raise UserError(f"artifact file {file} is missing; re-export the artifact")
+            raise ArtifactError(f"artifact file {file} is missing; re-export the artifact", file)
         if file.stat().st_size != entry["bytes"]:
-            raise UserError(f"artifact file {file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}: "
-                            "the file is truncated or corrupted; re-export the artifact")
+            raise ArtifactError(f"artifact file {file} has {file.stat().st_size} bytes, the manifest says "
+                                f"{entry['bytes']}: the file is truncated or corrupted; re-export the artifact", file)
         if verify_checksums and sha256_file(file) != entry["sha256"]:
-            raise UserError(f"artifact file {file} does not match its sha256 in the manifest: it is corrupted; "
-                            "re-export the artifact")
+            raise ArtifactError(f"artifact file {file} does not match its sha256 in the manifest: it is corrupted; "
+                                "re-export the artifact", file)
     return manifest
 
 

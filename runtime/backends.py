@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import ArtifactError, BackendUnavailable, NotEnoughMemory, UserError
 
 BACKENDS = ("onnxruntime", "openvino")
 
@@ -20,7 +20,8 @@ class OnnxRuntimeGraph:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UserError("backend onnxruntime is not installed: pip install 'dg-edge[onnxruntime]'") from None
+            raise BackendUnavailable("backend onnxruntime is not installed: pip install 'dg-edge[onnxruntime]'",
+                                     "onnxruntime") from None
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -38,11 +39,13 @@ class OpenVinoGraph:
         try:
             import openvino as ov
         except ImportError:
-            raise UserError("backend openvino is not installed: pip install 'dg-edge[openvino]'") from None
+            raise BackendUnavailable("backend openvino is not installed: pip install 'dg-edge[openvino]'",
+                                     "openvino") from None
         core = ov.Core()
         available = core.available_devices
         if device != "AUTO" and device.split(".")[0] not in available:
-            raise UserError(f"OpenVINO device {device} is not available here; available: {', '.join(available)} or AUTO")
+            raise BackendUnavailable(f"OpenVINO device {device} is not available here; available: "
+                                     f"{', '.join(available)} or AUTO", "openvino", device)
         config = {"INFERENCE_PRECISION_HINT": precision} if device.startswith("CPU") else {}
         if threads and device.startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = threads
@@ -82,9 +85,10 @@ def check_memory(weights_bytes: int, backend: str) -> None:
     factor = PEAK_OVER_WEIGHTS[backend]
     needed = factor * weights_bytes + 0.3e9
     if available is not None and needed > available:
-        raise UserError(f"this artifact needs about {needed / 1e9:.1f} GB of memory on {backend} ({factor} x its "
-                        f"{weights_bytes / 1e9:.1f} GB of weights + 0.3 GB) and {available / 1e9:.1f} GB are "
-                        "available: export it with a smaller recipe (cpu-int4-mixed), or free memory")
+        raise NotEnoughMemory(f"this artifact needs about {needed / 1e9:.1f} GB of memory on {backend} ({factor} x its "
+                              f"{weights_bytes / 1e9:.1f} GB of weights + 0.3 GB) and {available / 1e9:.1f} GB are "
+                              "available: export it with a smaller recipe (cpu-int4-mixed), or free memory",
+                              int(needed), available)
 
 
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21
@@ -195,12 +199,12 @@ def graph_name(port) -> str:
 def format_entry(manifest: dict, backend: str) -> tuple[str, dict]:
     """The artifact format a backend reads and its manifest entry (graph files, weights file)."""
     if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"{{backend}} must be one of {', '.join(BACKENDS)} (got {backend!r})", "backend")
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
     entry = manifest["formats"].get(fmt)
     if entry is None:
         raise UserError(f"this artifact has no {fmt} graphs (it has: {', '.join(manifest['formats'])}); "
-                        f"re-export with --format {fmt} or choose another backend")
+                        f"re-export it with `dg-export --format {fmt}` or choose another {{backend}}", "backend")
     return fmt, entry
 
 
@@ -210,13 +214,14 @@ def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", 
     fmt, entry = format_entry(manifest, backend)
     if backend == "onnxruntime":
         if device.upper() != "CPU":
-            raise UserError(f"the onnxruntime backend runs on CPU only here (asked for {device}); use --backend openvino")
+            raise BackendUnavailable(f"the onnxruntime backend runs on CPU only here (asked for {device}); choose "
+                                     "{backend} openvino", "onnxruntime", device)
         session = OnnxRuntimeGraph(folder / entry["graphs"][graph], threads)
     else:
         precision = precision or manifest["openvino"]["inference_precision"]
         session = OpenVinoGraph(folder / entry["graphs"][graph], folder / entry["weights"], device, precision, threads)
     expected = [i["name"] for i in manifest["graphs"][graph]["inputs"]]
     if sorted(session.input_names) != sorted(expected):
-        raise UserError(f"{fmt} graph {graph} has inputs {session.input_names}, the manifest lists {expected}: "
-                        "the artifact is inconsistent; re-export it")
+        raise ArtifactError(f"{fmt} graph {graph} has inputs {session.input_names}, the manifest lists {expected}: "
+                            "the artifact is inconsistent; re-export it", folder)
     return session

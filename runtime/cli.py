@@ -9,7 +9,15 @@ from pathlib import Path
 
 from .backends import BACKENDS
 from .errors import UserError, run_cli
-from .generate import Block, DiffusionGemma, Done, Draft, check_runtime_options
+from . import load
+from .generate import DiffusionGemma, Draft, TextDelta, check_runtime_options
+
+
+# runtime setting -> dg-run's flag, to word the runtime's errors (dg-serve shares the ones it has)
+FLAGS = {"max_new_tokens": "-n/--max-new-tokens", "max_denoising_steps": "--steps", "entropy_bound": "--entropy-bound",
+         "t_max": "--t-max", "t_min": "--t-min", "stability_threshold": "--stability-threshold",
+         "confidence_threshold": "--confidence-threshold", "threads": "-t/--threads", "seed": "-s/--seed",
+         "precision": "--precision", "backend": "--backend", "raw": "--raw", "system": "--system"}
 
 
 def parse_args(argv):
@@ -54,6 +62,10 @@ def read_prompt(args) -> str:
             return args.prompt_file.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise UserError(f"prompt file {args.prompt_file} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"prompt file {args.prompt_file} is a folder; give the file to read") from None
+        except OSError as exc:
+            raise UserError(f"prompt file {args.prompt_file} cannot be read ({exc.strerror})") from None
         except UnicodeDecodeError as exc:
             raise UserError(f"prompt file {args.prompt_file} is not valid UTF-8 (byte {exc.start}); "
                             "save it as UTF-8") from None
@@ -81,39 +93,29 @@ def run(args) -> int:
     if not prompt.strip():
         raise UserError("the prompt is empty; give some text to start from")
     check_runtime_options(args.backend, args.threads, args.precision, args.seed)
-    model = DiffusionGemma(args.artifact, args.backend, args.device, args.threads, args.precision,
-                           verify=not args.no_verify)
+    model = load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
+                 precision=args.precision, verify=not args.no_verify, memory_upkeep=True)
     settings = model.defaults.with_overrides(
         max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
         entropy_bound=args.entropy_bound, t_max=args.t_max, t_min=args.t_min,
         stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold,
     )
-    if args.raw:
-        ids = model.text.encode(prompt)
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}]
-        ids = model.text.chat_ids(messages)
-
-    shown, committed = "", []
-    for event in model.stream([ids], settings, args.seed):
+    ids = model.prompt_ids(prompt, system=args.system, raw=args.raw)
+    shown = ""
+    for event in model.stream_text(prompt, system=args.system, raw=args.raw, settings=settings, seed=args.seed):
         if isinstance(event, Draft) and args.visual:
             sys.stdout.write(f"\x1b[H\x1b[2J{shown}\n\n[block {event.block + 1}, step {event.step}]\n"
                              f"{render_canvas(model, event)}\n")
             sys.stdout.flush()
-        elif isinstance(event, Block):
-            committed.extend(event.tokens[0].tolist())
-            text = printable(model.text.decode(committed[: settings.max_new_tokens]))
+        elif isinstance(event, TextDelta):
+            shown += printable(event.text)
             if not args.json and not args.visual:
-                sys.stdout.write(text[len(shown):])
+                sys.stdout.write(printable(event.text))
                 sys.stdout.flush()
-            shown = text
-        elif isinstance(event, Done):
-            stats = event.stats
-    tokens = event.tokens[0]
+    stats = event.stats
     if args.json:
-        print(json.dumps({"prompt_tokens": len(ids), "tokens": tokens.tolist(), "text": model.text.decode(tokens),
-                          "stats": asdict(stats)}))
+        print(json.dumps({"prompt_tokens": len(ids), "tokens": event.tokens[0].tolist(), "text": event.text,
+                          "finish_reason": event.finish_reason, "stats": asdict(stats)}))
     else:
         if args.visual:
             sys.stdout.write(f"\x1b[H\x1b[2J{shown}")
@@ -127,7 +129,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_cli("dg-run", lambda: run(args))
+    return run_cli("dg-run", lambda: run(args), FLAGS)
 
 
 if __name__ == "__main__":

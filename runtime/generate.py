@@ -12,25 +12,27 @@
 import json
 import math
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from .artifact import load_manifest
 from .backends import check_memory, format_entry, open_graph, release_mapped_pages, releasing_mapped_pages
-from .errors import UserError
+from .errors import PromptTooLong, SettingError, UserError
 from .graph import STEP_OUTPUTS, ModelGraph, worth_releasing
 from .kv_cache import KVCache
 from .noise import NoiseSource
 from .sampler import StableAndConfident, entropy_bound_accept, finalize_block, temperature
+from .streamer import TextStreamer, reply_tokens
 from .text import TextCodec
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings; defaults come from the artifact's generation_config.json."""
+    """Generation settings; `DiffusionGemma.defaults` holds the artifact's (its generation_config.json)."""
 
     max_new_tokens: int = 256
     max_denoising_steps: int = 48
@@ -47,49 +49,54 @@ class Settings:
             known["entropy_bound"] = config["sampler_config"]["entropy_bound"]
         return cls(**known)
 
-    def with_overrides(self, **overrides) -> "Settings":
+    def with_overrides(self, **overrides: int | float | None) -> "Settings":
+        """These settings with the given ones replaced (None keeps a setting), checked."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown settings {unknown}; Settings has {[f.name for f in fields(self)]}")
         settings = replace(self, **{k: v for k, v in overrides.items() if v is not None})
         settings.check()
         return settings
 
     def check(self) -> None:
-        """Every setting finite and in range; the CLI and the API share this one check."""
+        """Every setting finite and in range; the CLI, the server and the API share this one check."""
         for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise UserError(f"{name} must be a whole number (got {value!r})")
+                raise SettingError(f"{{{name}}} must be a whole number (got {value!r})", name, value=value)
         for name in ("entropy_bound", "t_max", "t_min", "confidence_threshold"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
-                raise UserError(f"{name} must be a finite number (got {value!r})")
-        if self.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.max_denoising_steps <= 0:
-            raise UserError(f"max_denoising_steps must be at least 1 (got {self.max_denoising_steps})")
-        if not 0 <= self.t_min < self.t_max:
-            raise UserError(f"temperatures need 0 <= t_min < t_max (got {self.t_min}, {self.t_max})")
+            if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool) or not math.isfinite(value):
+                raise SettingError(f"{{{name}}} must be a finite number (got {value!r})", name, value=value)
+        for name, low, kind in (("max_new_tokens", 1, "at least 1"), ("max_denoising_steps", 1, "at least 1"),
+                                ("stability_threshold", 0, "0 or more"), ("confidence_threshold", 0, "0 or more")):
+            value = getattr(self, name)
+            if value < low:
+                raise SettingError(f"{{{name}}} must be {kind} (got {value})", name, value=value)
         if self.entropy_bound <= 0:
-            raise UserError(f"entropy_bound must be positive (got {self.entropy_bound})")
-        if self.stability_threshold < 0:
-            raise UserError(f"stability_threshold must be 0 or more (got {self.stability_threshold})")
-        if self.confidence_threshold < 0:
-            raise UserError(f"confidence_threshold must be 0 or more (got {self.confidence_threshold})")
+            raise SettingError(f"{{entropy_bound}} must be positive (got {self.entropy_bound})", "entropy_bound",
+                               value=self.entropy_bound)
+        if not 0 <= self.t_min < self.t_max:
+            raise SettingError(f"temperatures need 0 <= {{t_min}} < {{t_max}} (got {self.t_min}, {self.t_max})",
+                               "t_min", "t_max", value=self.t_min)
 
 
 def check_runtime_options(backend: str | None, threads: int | None, precision: str | None, seed: int | None) -> None:
-    """Options that configure the runtime rather than the sampler; shared by the CLI and DiffusionGemma."""
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise UserError(f"threads must be at least 1 (got {threads!r}); leave it out for the backend's choice")
-    if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise UserError(f"seed must be a whole number of 0 or more (got {seed!r})")
+    """Options that configure the runtime rather than the sampler; shared by the CLIs and DiffusionGemma."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise SettingError(f"{{threads}} must be at least 1 (got {threads!r}); leave it out for the backend's choice",
+                           "threads", value=threads)
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise SettingError(f"{{seed}} must be a whole number of 0 or more (got {seed!r})", "seed", value=seed)
     if precision is not None and backend == "onnxruntime":
-        raise UserError("--precision sets OpenVINO's inference precision; ONNX Runtime computes in the artifact's "
-                        "precision: drop --precision, or use --backend openvino")
+        raise SettingError("{precision} sets OpenVINO's inference precision; ONNX Runtime computes in the "
+                           "artifact's precision: leave {precision} out, or choose {backend} openvino",
+                           "precision", "backend", value=precision)
 
 
 @dataclass
 class Draft:
-    """The argmax canvas after one denoising step."""
+    """The argmax canvas after one denoising step ([B, canvas] arrays)."""
 
     block: int
     step: int
@@ -99,7 +106,7 @@ class Draft:
 
 @dataclass
 class Block:
-    """A committed block (pad after EOS)."""
+    """A committed block ([B, canvas] token ids, pad after EOS) and the steps it took."""
 
     index: int
     tokens: np.ndarray
@@ -107,9 +114,17 @@ class Block:
 
 
 @dataclass
+class TextDelta:
+    """Text of the reply that became final when block `block` committed (or when the generation ended)."""
+
+    text: str
+    block: int
+
+
+@dataclass
 class Stats:
     blocks: int = 0
-    steps_per_block: list = field(default_factory=list)
+    steps_per_block: list[int] = field(default_factory=list)
     tokens: int = 0
     tokens_per_forward: float = 0.0
     load_ms: float = 0.0
@@ -117,19 +132,32 @@ class Stats:
     step_ms: float = 0.0
     tokens_per_second: float = 0.0
 
+    @classmethod
+    def cut_short(cls, steps_per_block: list[int], tokens: int, seconds: float, load_ms: float = 0.0) -> "Stats":
+        """The figures of a one-row generation ended at a block before its end (a stop string)."""
+        return cls(blocks=len(steps_per_block), steps_per_block=list(steps_per_block), tokens=tokens,
+                   tokens_per_forward=tokens / max(sum(steps_per_block), 1), load_ms=load_ms,
+                   tokens_per_second=tokens / max(seconds, 1e-9))
+
 
 @dataclass
 class Done:
-    tokens: np.ndarray  # [B, generated], pad after EOS, cut to max_new_tokens
+    """The end of a generation. `tokens`: [B, generated], pad after EOS, cut to max_new_tokens. From the text API
+    also the reply's whole `text` and `finish_reason` ("stop": EOS or a stop string; "length": max_new_tokens)."""
+
+    tokens: np.ndarray
     stats: Stats
+    text: str | None = None
+    finish_reason: str | None = None
 
 
 class DiffusionGemma:
-    """An exported DiffusionGemma on ONNX Runtime or OpenVINO."""
+    """An exported DiffusionGemma on ONNX Runtime or OpenVINO. `dg_runtime.load` opens one."""
 
-    def __init__(self, folder, backend: str | None = None, device: str = "CPU", threads: int | None = None,
-                 precision: str | None = None, verify: bool = True):
-        """backend None picks onnxruntime if the artifact has ONNX graphs, else openvino."""
+    def __init__(self, folder: str | Path, *, backend: str | None = None, device: str = "CPU",
+                 threads: int | None = None, precision: str | None = None, verify: bool = False,
+                 memory_upkeep: bool = False):
+        """See `dg_runtime.load`."""
         started = time.perf_counter()
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, verify_checksums=verify)
@@ -145,7 +173,7 @@ class DiffusionGemma:
         self.text = TextCodec(self.folder)
         weights_file = self.folder / format_entry(self.manifest, self.backend)[1]["weights"]
         check_memory(weights_file.stat().st_size, self.backend)  # load_manifest checked that the file is there
-        release = weights_file if worth_releasing(weights_file) else None
+        release = weights_file if memory_upkeep and worth_releasing(weights_file) else None
         with releasing_mapped_pages(release, while_loading=True) if release else nullcontext():
             session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
         if release:
@@ -156,12 +184,12 @@ class DiffusionGemma:
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.kv_layout, self.sliding_window, batch)
 
-    def stream(self, input_ids, settings: Settings | None = None, seed: int = 0, cache: KVCache | None = None,
-               noise: NoiseSource | None = None):
-        """Generate after `input_ids` ([B, N] new tokens; `cache` holds what came before them).
+    # --- token ids in, token ids out ---------------------------------------------------------------------------
 
-        Yields Draft after every step, Block after every committed block, and Done last.
-        """
+    def stream(self, input_ids, *, settings: Settings | None = None, seed: int = 0, cache: KVCache | None = None,
+               noise: NoiseSource | None = None) -> Iterator[Draft | Block | Done]:
+        """Generate after `input_ids` ([B, N] new tokens; `cache` holds what came before them and is extended in
+        place). Yields a Draft after every step, a Block after every committed block, and Done last."""
         settings = settings or self.defaults
         settings.check()
         if noise is None:
@@ -204,7 +232,7 @@ class DiffusionGemma:
 
     def _denoise(self, cache: KVCache, settings: Settings, noise: NoiseSource, finished, forward_passes, index):
         """The denoising steps of one block: yields a Draft per step, returns (argmax canvas, steps, graph seconds)."""
-        shape = (cache.tensors[0].shape[0], self.canvas_length)
+        shape = (cache.batch, self.canvas_length)
         canvas = noise.tokens(shape, self.vocab_size)
         argmax = canvas
         soft = np.zeros((*shape, self.hidden_size), dtype=np.float32)
@@ -235,53 +263,125 @@ class DiffusionGemma:
                 break
         return argmax, settings.max_denoising_steps - step + 1, seconds
 
+    def generate(self, input_ids, *, settings: Settings | None = None, seed: int = 0, cache: KVCache | None = None,
+                 noise: NoiseSource | None = None) -> Done:
+        """Run `stream` to the end and return its Done event."""
+        for event in self.stream(input_ids, settings=settings, seed=seed, cache=cache, noise=noise):
+            pass
+        return event
+
     def check_length(self, prompt_length: int, settings: Settings) -> None:
-        """Raise UserError if a prompt of this many tokens (cached ones included) cannot take the new tokens."""
+        """Raise if a prompt of this many tokens (cached ones included) cannot take the new tokens."""
         if prompt_length == 0:
             raise UserError("the prompt is empty; give some text to start from")
         needed = prompt_length + math.ceil(settings.max_new_tokens / self.canvas_length) * self.canvas_length
         if needed > self.max_positions:
-            raise UserError(f"prompt ({prompt_length} tokens) plus {settings.max_new_tokens} new tokens needs "
-                            f"{needed} positions; the model has {self.max_positions}: shorten the prompt or "
-                            "lower --max-new-tokens")
+            raise PromptTooLong(prompt_length, settings.max_new_tokens, needed, self.max_positions)
 
     def reply(self, tokens: np.ndarray) -> np.ndarray:
         """A row of generated tokens up to (not including) its first EOS or pad."""
-        return trim_reply(tokens, self.eos_ids, self.pad_id)
+        return reply_tokens(tokens, self.eos_ids, self.pad_id)
 
-    def generate(self, input_ids, settings: Settings | None = None, seed: int = 0, **kwargs) -> Done:
-        """Run `stream` to the end and return its Done event."""
-        for event in self.stream(input_ids, settings, seed, **kwargs):
+    # --- text in, text out -------------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
+        """The token ids of a prompt: the chat template around it (with a system turn) unless `raw`."""
+        if raw:
+            if system is not None:
+                raise UserError("a system message needs the chat template; leave out {raw} or {system}", "raw", "system")
+            return self.text.encode(prompt)
+        return self.text.chat_ids([*([{"role": "system", "content": system}] if system else []),
+                                   {"role": "user", "content": prompt}])
+
+    def text_streamer(self, settings: Settings | None = None, stop: Sequence[str] = ()) -> TextStreamer:
+        return TextStreamer(self.text, self.eos_ids, self.pad_id, (settings or self.defaults).max_new_tokens, stop)
+
+    def stream_text(self, prompt: str, *, system: str | None = None, raw: bool = False,
+                    settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = (),
+                    noise: NoiseSource | None = None) -> Iterator[Draft | TextDelta | Done]:
+        """Generate a reply to `prompt` (the chat template applied unless `raw`). Yields a Draft after every step,
+        a TextDelta whenever text became final, and Done last (with the whole `text` and `finish_reason`). The
+        generation ends at the block where the reply ended (EOS, a `stop` string, max_new_tokens)."""
+        ids = self.prompt_ids(prompt, system=system, raw=raw)
+        yield from stream_reply(self, self.stream([ids], settings=settings, seed=seed, noise=noise),
+                                self.text_streamer(settings, stop))
+
+    def generate_text(self, prompt: str, *, system: str | None = None, raw: bool = False,
+                      settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = ()) -> str:
+        """The reply to `prompt` as text (see `stream_text`)."""
+        for event in self.stream_text(prompt, system=system, raw=raw, settings=settings, seed=seed, stop=stop):
             pass
-        return event
+        return event.text
 
 
-def trim_reply(tokens: np.ndarray, eos_ids: list[int], pad_id: int | None) -> np.ndarray:
-    """A row of generated tokens up to (not including) its first EOS."""
-    stop = np.flatnonzero(np.isin(tokens, eos_ids) | (tokens == pad_id))
-    return tokens[: stop[0]] if len(stop) else tokens
+def stream_reply(model: DiffusionGemma, events: Iterator[Draft | Block | Done],
+                 streamer: TextStreamer) -> Iterator[Draft | TextDelta | Done]:
+    """A one-row token stream as text: Drafts pass through, blocks become TextDeltas, Done gets the text. Stops the
+    generation at the block where the reply ended (a stop string: what follows would be thrown away)."""
+    steps, started = [], time.perf_counter()
+    for event in events:
+        if isinstance(event, Draft):
+            yield event
+        elif isinstance(event, Block):
+            steps.append(event.steps)
+            if text := streamer.add(event.tokens[0]):
+                yield TextDelta(text, event.index)
+            if streamer.stop_string_hit:
+                events.close()
+                stats = Stats.cut_short(steps, len(streamer.tokens), time.perf_counter() - started, model.load_ms)
+                yield Done(streamer.tokens[None], stats, streamer.text, streamer.finish_reason)
+                return
+        elif isinstance(event, Done):
+            if text := streamer.finish():
+                yield TextDelta(text, len(event.stats.steps_per_block) - 1)
+            yield Done(event.tokens, event.stats, streamer.text, streamer.finish_reason)
 
 
 class Chat:
-    """A multi-turn conversation that keeps the KV cache: a later turn encodes only its new tokens."""
+    """A multi-turn conversation that keeps the KV cache: a later turn encodes only its new tokens.
 
-    def __init__(self, model: DiffusionGemma, system: str | None = None, settings: Settings | None = None):
+    `messages` ([{"role": "system" | "user" | "assistant", "content": str}, ...]) starts from a given history (it
+    is encoded with the first new turn). A turn that does not reach its end (the caller stops iterating, an
+    exception, Ctrl-C) leaves no trace: the cache and `messages` change only when a turn's Done is yielded."""
+
+    def __init__(self, model: DiffusionGemma, *, system: str | None = None, messages: Sequence[dict] = (),
+                 settings: Settings | None = None):
         self.model, self.settings = model, settings or model.defaults
-        self.messages = [{"role": "system", "content": system}] if system else []
+        self.messages = check_messages([*([{"role": "system", "content": system}] if system else []), *messages])
         self.cache = model.new_cache(1)
         self.unencoded = np.zeros((1, 0), dtype=np.int64)  # the last reply's tokens, not yet in the cache
 
-    def stream(self, user_text: str, seed: int = 0):
-        message = {"role": "user", "content": user_text}
-        if not self.messages or self.messages[-1]["role"] != "assistant":
+    def stream(self, text: str, *, seed: int = 0) -> Iterator[Draft | TextDelta | Done]:
+        """Add a user turn and generate the reply; yields as `DiffusionGemma.stream_text`."""
+        message = {"role": "user", "content": text}
+        if self.cache.length == 0:  # nothing encoded yet: the whole conversation
             new_ids = self.model.text.chat_ids([*self.messages, message])
-        else:
+        else:  # the history up to the last reply is cached (the reply's last tokens may still be unencoded)
             new_ids = self.model.text.continuation_ids(self.messages, message)
         input_ids = np.concatenate([self.unencoded, np.array([new_ids], dtype=np.int64)], axis=1)
-        for event in self.model.stream(input_ids, self.settings, seed, cache=self.cache):
+        cache = self.cache.copy()  # the turn extends a copy: the conversation changes only when the turn ends
+        streamer = self.model.text_streamer(self.settings)
+        events = self.model.stream(input_ids, settings=self.settings, seed=seed, cache=cache)
+        for event in stream_reply(self.model, events, streamer):
+            if isinstance(event, Done):
+                # Blocks before the last one were encoded during generation; the last reply block was not.
+                encoded_blocks = len(event.stats.steps_per_block) - 1
+                self.cache = cache
+                self.unencoded = streamer.tokens[None, encoded_blocks * self.model.canvas_length:]
+                self.messages = [*self.messages, message, {"role": "assistant", "content": event.text}]
             yield event
-        reply = self.model.reply(event.tokens[0])
-        # Blocks before the last one were encoded during generation; the last reply block was not.
-        encoded_blocks = len(event.stats.steps_per_block) - 1
-        self.unencoded = reply[None, encoded_blocks * self.model.canvas_length:]
-        self.messages += [message, {"role": "assistant", "content": self.model.text.decode(reply)}]
+
+    def send(self, text: str, *, seed: int = 0) -> str:
+        """Add a user turn and return the reply's text."""
+        for event in self.stream(text, seed=seed):
+            pass
+        return event.text
+
+
+def check_messages(messages: Sequence[dict]) -> list[dict]:
+    roles = ("system", "user", "assistant")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in roles or not isinstance(message.get("content"), str):
+            raise UserError(f"messages[{i}] must be {{'role': one of {', '.join(roles)}, 'content': a string}} "
+                            f"(got {message!r})")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]

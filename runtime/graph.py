@@ -58,15 +58,16 @@ class ModelGraph:
                 "denoising": np.array(False), "temperature": np.array(1.0, np.float32),
                 "sample_uniform": np.zeros((batch, 1), np.float32), **cache.feeds()}
 
-    def encode(self, cache: KVCache, ids: np.ndarray) -> np.ndarray:
+    def encode(self, cache: KVCache, ids: np.ndarray) -> np.ndarray | None:
         """Append the KV of `ids` ([B, N]) to the cache, `encode_chunk` tokens a call (a long prompt's working
         memory stays that of a canvas; the cache holds what the next chunk may see, so the KV are the same);
-        returns the argmax after the last token ([B]): the autoregressive next token."""
+        returns the argmax after the last token ([B]): the autoregressive next token (None for no tokens)."""
+        argmax = None
         for start in range(0, ids.shape[1], self.encode_chunk):
             chunk = ids[:, start: start + self.encode_chunk]
             *presents, argmax = self.run([*self.present_names, "argmax"], self.encoder_feeds(cache, chunk))
             cache.append(presents)
-        return argmax[:, -1]
+        return None if argmax is None else argmax[:, -1]
 
     @staticmethod
     def denoiser_feeds(cache: KVCache, canvas: np.ndarray, soft: np.ndarray, positions: np.ndarray,

@@ -26,6 +26,10 @@ class KVCache:
         return snapshot
 
     @property
+    def batch(self) -> int:
+        return self.tensors[0].shape[0]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 

@@ -33,7 +33,7 @@ class TextCodec:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.template is None:
-            raise UserError("this artifact has no chat template; pass --raw to send the prompt as it is")
+            raise UserError("this artifact has no chat template; use {raw} to send the prompt as it is", "raw")
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:

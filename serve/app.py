@@ -15,7 +15,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from dg_runtime import Block, DiffusionGemma, Done, Draft, Stats
+from dg_runtime import Block, DiffusionGemma, Done, Draft, Stats, TextStreamer
 
 from . import openai_api as api
 from .engine import Engine, Failed, Job, QueueFull, Started
@@ -25,7 +25,7 @@ log = logging.getLogger("dg_serve")
 
 @dataclass
 class Finished:
-    reply: api.ReplyText
+    reply: TextStreamer
     usage: dict
     stats: dict
 
@@ -80,7 +80,7 @@ def create_app(model: DiffusionGemma, model_id: str, api_key: str | None = None,
     async def run(request: HttpRequest, parsed: api.Request, job: Job):
         """The job as the API sees it: a Draft per step, the reply's text as it becomes final, and Finished. Ends
         the job early when the client goes away (checked at every step) or a stop string ends the reply."""
-        reply = api.ReplyText(model, parsed.settings.max_new_tokens, parsed.stop)
+        reply = model.text_streamer(parsed.settings, parsed.stop)
         cached, steps, started = 0, [], time.perf_counter()
         try:
             while True:
@@ -99,13 +99,12 @@ def create_app(model: DiffusionGemma, model_id: str, api_key: str | None = None,
                     if text := reply.add(event.tokens[0]):
                         yield text
                     if reply.stop_string_hit:  # the rest of the generation would be thrown away
-                        tokens = len(reply.reply)
-                        stats = Stats(blocks=len(steps), steps_per_block=steps, tokens=tokens,
-                                      tokens_per_forward=tokens / sum(steps),
-                                      tokens_per_second=tokens / (time.perf_counter() - started))
+                        stats = Stats.cut_short(steps, len(reply.tokens), time.perf_counter() - started)
                         yield Finished(reply, api.usage(parsed, reply, cached), api.stats_object(stats, cached))
                         return
                 elif isinstance(event, Done):
+                    if text := reply.finish():
+                        yield text
                     yield Finished(reply, api.usage(parsed, reply, cached), api.stats_object(event.stats, cached))
                     return
         finally:

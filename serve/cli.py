@@ -8,8 +8,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from dg_runtime import DiffusionGemma, UserError
+from dg_runtime import UserError, load
 from dg_runtime.backends import BACKENDS
+from dg_runtime.cli import FLAGS
 from dg_runtime.errors import run_cli
 from dg_runtime.generate import check_runtime_options
 
@@ -53,8 +54,8 @@ def serve(args) -> int:
         raise UserError(f"--prefix-cache-mb must be 0 or more (got {args.prefix_cache_mb})")
     check_runtime_options(args.backend, args.threads, args.precision, seed=None)
     listener = bind(args.host, args.port)  # before loading: a busy port is said at once
-    model = DiffusionGemma(args.artifact, args.backend, args.device, args.threads, args.precision,
-                           verify=not args.no_verify)
+    model = load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
+                 precision=args.precision, verify=not args.no_verify, memory_upkeep=True)
     model_id = args.model_name or args.artifact.resolve().name.removesuffix(".dg")
     app = create_app(model, model_id, args.api_key, args.queue_size, args.prefix_cache_mb)
     host, port = listener.getsockname()[:2]
@@ -82,7 +83,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_cli("dg-serve", lambda: serve(args))
+    return run_cli("dg-serve", lambda: serve(args), FLAGS)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 
 from dg_runtime import Block, DiffusionGemma, Done, Draft, Settings, UserError
 
+from .openai_api import API_NAMES
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("dg_serve")
@@ -98,7 +99,7 @@ class Engine:
                 self._generate(job)
             except UserError as exc:
                 self.counts["failed"] += 1
-                job.emit(Failed(str(exc), user_error=True))
+                job.emit(Failed(exc.worded(API_NAMES), user_error=True))
             except Exception:
                 log.exception("generation failed")
                 self.counts["failed"] += 1
@@ -110,7 +111,8 @@ class Engine:
     def _generate(self, job: Job) -> None:
         cache, cached = self.prefix_cache.longest_prefix(job.ids)
         cache = cache or self.model.new_cache(1)  # the runtime appends to it in place as it encodes
-        events = self.model.stream(np.array([job.ids[cached:]], dtype=np.int64), job.settings, job.seed, cache=cache)
+        events = self.model.stream(np.array([job.ids[cached:]], dtype=np.int64), settings=job.settings, seed=job.seed,
+                                   cache=cache)
         job.emit(Started(cached))
         encoded = list(job.ids)  # what the cache holds once a block's first step has run
         for event in events:

@@ -76,7 +76,7 @@ def wait_until_serving(server: subprocess.Popen, port: int, seconds: float = 120
 
 
 def load_test(artifact: Path, backend: str, clients: int = 8, seconds: float = 60) -> dict:
-    model = DiffusionGemma(artifact, backend)
+    model = DiffusionGemma(artifact, backend=backend)
     cases = [(prompt, seed) for prompt in PROMPTS for seed in range(SEEDS_PER_PROMPT)]
     expected = {}
     for prompt, seed in cases:

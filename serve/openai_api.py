@@ -8,13 +8,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from dg_runtime import DiffusionGemma, Settings, UserError
+from dg_runtime import DiffusionGemma, PromptTooLong, Settings, TextStreamer, UserError
 
 # extra body field -> runtime setting
 EXTRA_FIELDS = {"steps": "max_denoising_steps", "entropy_bound": "entropy_bound", "t_max": "t_max", "t_min": "t_min",
                 "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold"}
+# runtime setting -> the API's name for it, to word the runtime's errors
+API_NAMES = {"max_new_tokens": "max_tokens", **{setting: name for name, setting in EXTRA_FIELDS.items()}}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
 
@@ -62,8 +62,11 @@ def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) 
     try:
         settings = model.defaults.with_overrides(max_new_tokens=max_tokens, **overrides)
         model.check_length(len(ids), settings)
+    except PromptTooLong as exc:
+        raise ApiError(400, exc.worded(API_NAMES), param="messages" if chat else "prompt",
+                       code="context_length_exceeded") from None
     except UserError as exc:
-        raise ApiError(400, api_names(str(exc))) from None
+        raise ApiError(400, exc.worded(API_NAMES), param=API_NAMES.get(exc.field, exc.field)) from None
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2**31)
@@ -77,14 +80,6 @@ def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) 
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     return Request(chat, ids, settings, seed, stop_strings(body.get("stop")), stream,
                    bool(options.get("include_usage")), bool(body.get("stream_canvas")))
-
-
-def api_names(message: str) -> str:
-    """A runtime message with the API's field names in place of the runtime's and dg-run's."""
-    for runtime, field_name in [("--max-new-tokens", "max_tokens"), ("max_new_tokens", "max_tokens"),
-                                *((v, k) for k, v in EXTRA_FIELDS.items() if k != v)]:
-        message = message.replace(runtime, field_name)
-    return message
 
 
 def is_int(value) -> bool:
@@ -139,48 +134,9 @@ def stop_strings(stop) -> list[str]:
     return stops
 
 
-class ReplyText:
-    """The reply as text while blocks commit: cut at the first EOS, at max_tokens and at a stop string.
-
-    `add` returns the text that is now final. It holds back a trailing partial UTF-8 character (decoded as U+FFFD
-    until its other bytes arrive) and a tail that could be the start of a stop string."""
-
-    def __init__(self, model: DiffusionGemma, max_tokens: int, stops: list[str]):
-        self.model, self.max_tokens, self.stops = model, max_tokens, stops
-        self.generated: list[int] = []
-        self.reply: np.ndarray = np.zeros(0, dtype=np.int64)
-        self.sent = ""
-        self.finish_reason: str | None = None
-        self.stop_string_hit = False
-
-    def add(self, block: np.ndarray) -> str:
-        self.generated += block.tolist()
-        kept = np.array(self.generated[: self.max_tokens], dtype=np.int64)
-        self.reply = self.model.reply(kept)
-        if len(self.reply) < len(kept):
-            self.finish_reason = "stop"
-        elif len(self.generated) >= self.max_tokens:
-            self.finish_reason = "length"
-        text = self.model.text.decode(self.reply)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.finish_reason, self.stop_string_hit = text[:cut], "stop", True
-        elif self.finish_reason is None:
-            text = text[: len(text) - held_back(text, self.stops)]
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """How many characters at the end of `text` may still change: a partial character, a stop string's start."""
-    partial = len(text) - len(text.rstrip("\ufffd"))
-    start_of_stop = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return max(partial, start_of_stop)
-
-
-def usage(request: Request, reply: ReplyText, cached_tokens: int) -> dict:
-    return {"prompt_tokens": len(request.ids), "completion_tokens": len(reply.reply),
-            "total_tokens": len(request.ids) + len(reply.reply),
+def usage(request: Request, reply: TextStreamer, cached_tokens: int) -> dict:
+    return {"prompt_tokens": len(request.ids), "completion_tokens": len(reply.tokens),
+            "total_tokens": len(request.ids) + len(reply.tokens),
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
@@ -192,13 +148,13 @@ def stats_object(stats, cached_tokens: int) -> dict:
             "step_ms": round(stats.step_ms, 2), "cached_tokens": cached_tokens}
 
 
-def response(request: Request, model_id: str, reply: ReplyText, usage_object: dict, dg: dict) -> dict:
+def response(request: Request, model_id: str, reply: TextStreamer, usage_object: dict, dg: dict) -> dict:
     if request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": reply.sent},
+        choice = {"index": 0, "message": {"role": "assistant", "content": reply.text},
                   "finish_reason": reply.finish_reason, "logprobs": None}
         kind, prefix = "chat.completion", "chatcmpl-"
     else:
-        choice = {"index": 0, "text": reply.sent, "finish_reason": reply.finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}
         kind, prefix = "text_completion", "cmpl-"
     return {"id": prefix + request.id, "object": kind, "created": request.created, "model": model_id,
             "choices": [choice], "usage": usage_object, "dg": dg}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dg_export.builtin import build_checkpoint
-from dg_export.cli import main as dg_export
+from dg_export import export
 
 BASE = {
     "vocab_size": 264, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 2,
@@ -57,7 +57,7 @@ def exported(tmp_path_factory):
             root = tmp_path_factory.mktemp(name)
             checkpoint = make_checkpoint(root / "checkpoint", name, confident)
             artifact = root / "artifact.dg"
-            assert dg_export([str(checkpoint), "-o", str(artifact)] + (["--no-validate"] if confident else [])) == 0
+            export(checkpoint, artifact, validation=None if confident else "auto")
             cache[name, confident] = checkpoint, artifact
         return cache[name, confident]
 
@@ -68,7 +68,7 @@ def exported(tmp_path_factory):
 def demo_artifact(tmp_path_factory):
     """The embedded demo model exported as the README's main command does (validated)."""
     artifact = tmp_path_factory.mktemp("demo") / "demo.dg"
-    assert dg_export(["-o", str(artifact)]) == 0
+    export(output=artifact)
     return artifact
 
 
@@ -106,3 +106,28 @@ def serving(model, **options):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def write_byte_fallback_bpe(folder: Path) -> Path:
+    """A subword tokenizer as Gemma's is built (BPE, '▁' for spaces, unknown characters as <0xXX> byte tokens),
+    trained here on the Python standard library's docstrings (ASCII: other characters take byte tokens)."""
+    import inspect
+    import json
+    import textwrap
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from dg_export.builtin import SPECIAL_TOKENS
+
+    docs = [o.__doc__ for o in (str, list, dict, int, float, json, inspect, textwrap) if o.__doc__]
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
+                                                            show_progress=False))
+    spec = json.loads(tokenizer.to_str())
+    for byte in range(256):  # ordinary vocabulary entries, as in Gemma's tokenizer (not special tokens)
+        spec["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(spec["model"]["vocab"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder

@@ -30,7 +30,9 @@ def test_dry_run_plans_the_26b_model():
 @pytest.mark.parametrize("mode", ["full", "by-layer"])
 def test_dry_run_memory_estimate_matches_a_measured_export(tmp_path, mode):
     """The plan's peak for a 36 M-parameter checkpoint (vocabulary 32,768, 32 experts) against dg-export's own."""
-    from dg_export.benchmark_export import measured_export
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from benchmark_export import measured_export  # a dg-export process's own peak RSS
+
     from dg_export.builtin import tiny_config
     from dg_export.plan import count_parameters, export_estimate
     from dg_export.synthetic import write_checkpoint

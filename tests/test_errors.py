@@ -8,6 +8,7 @@ import pytest
 
 from conftest import make_checkpoint
 from dg_export import cli as export_cli
+from dg_export.pipeline import OWNER_FILE
 from dg_runtime.cli import main as dg_run
 
 
@@ -133,9 +134,9 @@ def test_corrupted_weights(artifact_copy, capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--max-new-tokens", "0"], "-n/--max-new-tokens must be at least 1"),
     (["--max-new-tokens", "100000"], "positions"),
-    (["--backend", "tensorrt"], "unknown backend"),
+    (["--backend", "tensorrt"], "--backend must be one of onnxruntime, openvino (got 'tensorrt')"),
     (["--backend", "openvino", "--device", "NPU"], "not available"),
 ])
 def test_bad_run_options(exported, capsys, args, expected):
@@ -240,7 +241,7 @@ def test_stale_staging_of_a_killed_export_is_removed(tmp_path, capsys, checkpoin
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / ".out.partial-killed"
     stale.mkdir()
-    (stale / export_cli.OWNER_FILE).write_text(dead.stdout.strip())
+    (stale / OWNER_FILE).write_text(dead.stdout.strip())
     (stale / "weights.bin").write_bytes(b"\0" * 1024)
     assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out"), "--no-validate"]) == 0
     assert "removed .out.partial-killed" in capsys.readouterr().err
@@ -252,12 +253,12 @@ def test_stale_staging_of_a_killed_export_is_removed(tmp_path, capsys, checkpoin
     (["--threads", "-3"], "threads must be at least 1"),
     (["-t", "0"], "threads must be at least 1"),
     (["--seed", "-1"], "seed must be a whole number of 0 or more"),
-    (["--confidence-threshold", "-1"], "confidence_threshold must be 0 or more"),
-    (["--entropy-bound", "nan"], "entropy_bound must be a finite number"),
-    (["--t-max", "inf"], "t_max must be a finite number"),
-    (["--t-min", "0.9"], "t_min < t_max"),
-    (["--stability-threshold", "-2"], "stability_threshold must be 0 or more"),
-    (["--steps", "0"], "max_denoising_steps must be at least 1"),
+    (["--confidence-threshold", "-1"], "--confidence-threshold must be 0 or more"),
+    (["--entropy-bound", "nan"], "--entropy-bound must be a finite number"),
+    (["--t-max", "inf"], "--t-max must be a finite number"),
+    (["--t-min", "0.9"], "--t-min < --t-max"),
+    (["--stability-threshold", "-2"], "--stability-threshold must be 0 or more"),
+    (["--steps", "0"], "--steps must be at least 1"),
     (["-p", "again"], "give the prompt once"),
 ])
 def test_bad_settings_and_options(exported, capsys, backend, args, expected):
@@ -269,7 +270,7 @@ def test_bad_settings_and_options(exported, capsys, backend, args, expected):
 def test_option_for_another_backend_is_refused(exported, capsys):
     _, artifact = exported("window8-top2")
     assert dg_run([str(artifact), "hello", "--backend", "onnxruntime", "--precision", "f16"]) == 2
-    assert "use --backend openvino" in one_error_line(capsys, "dg-run")
+    assert "leave --precision out, or choose --backend openvino" in one_error_line(capsys, "dg-run")
 
 
 def test_the_api_shares_the_checks(exported):
@@ -280,9 +281,9 @@ def test_the_api_shares_the_checks(exported):
         DiffusionGemma(artifact, threads=-1)
     model = DiffusionGemma(artifact)
     with pytest.raises(UserError, match="entropy_bound"):
-        model.generate([[5, 6]], Settings(entropy_bound=float("nan")))
+        model.generate([[5, 6]], settings=Settings(entropy_bound=float("nan")))
     with pytest.raises(UserError, match="seed"):
-        model.generate([[5, 6]], Settings(max_new_tokens=4), seed=-5)
+        model.generate([[5, 6]], settings=Settings(max_new_tokens=4), seed=-5)
 
 
 def test_prompt_after_options_and_short_flags(exported, capsys):

@@ -49,7 +49,7 @@ def test_same_noise_same_tokens(exported, hf_model, name, backend):
         expected, recorder = generate_with_noise(model, prompt, settings, NoiseSource(seed))
 
         drafts, blocks = [], []
-        for event in runtime.stream(prompt, settings, noise=NoiseSource(seed)):
+        for event in runtime.stream(prompt, settings=settings, noise=NoiseSource(seed)):
             if isinstance(event, Draft):
                 drafts.append((event.block, event.step, event.canvas.copy()))
             elif isinstance(event, Block):

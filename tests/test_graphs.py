@@ -5,6 +5,7 @@ import onnx
 import pytest
 
 from conftest import CONFIGS
+from dg_export import export
 from dg_export.validate import validate
 from dg_runtime.artifact import load_manifest
 
@@ -49,13 +50,12 @@ def test_head_in_chunks_matches_transformers(tmp_path, hf_model, monkeypatch):
     canvas rows, and a batch row at a time when encoding."""
     from conftest import make_checkpoint
     from dg_export import builder, graphs
-    from dg_export.cli import main as dg_export
 
     monkeypatch.setattr(graphs, "LARGE_HEAD_BYTES", 0)
     monkeypatch.setattr(builder, "HEAD_CHUNK", 8)
     checkpoint = make_checkpoint(tmp_path / "checkpoint", "window8-top2")
     artifact = tmp_path / "chunked.dg"
-    assert dg_export([str(checkpoint), "-o", str(artifact), "--no-validate"]) == 0
+    export(checkpoint, artifact, validation=None)
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
     assert [n.op_type for n in graph.node].count("Loop") == 1
     assert "logits" not in [o.name for o in graph.output]  # a large head's logits are no output

@@ -11,7 +11,7 @@ from dg_runtime.backends import release_mapped_pages
 FRESH_PROCESS = """
 import sys
 from dg_runtime import DiffusionGemma
-model = DiffusionGemma(sys.argv[1], sys.argv[2])
+model = DiffusionGemma(sys.argv[1], backend=sys.argv[2])
 model.generate([model.text.chat_ids([{"role": "user", "content": "shout: abcdefghijklmnopqrstuvwxyzabcdefghijklmn"}])])
 print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
 """
@@ -19,13 +19,13 @@ print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0
 
 @pytest.fixture(scope="module")
 def demo_artifacts(tmp_path_factory):
-    from dg_export.cli import main as dg_export
+    from dg_export import export
 
     root = tmp_path_factory.mktemp("memory")
     artifacts = {}
     for recipe in ("cpu-fp32", "cpu-int4-mixed"):
         artifacts[recipe] = root / f"{recipe}.dg"
-        assert dg_export(["-o", str(artifacts[recipe]), "--recipe", recipe, "--no-validate"]) == 0
+        export(output=artifacts[recipe], recipe=recipe, validation=None)
     return artifacts
 
 
@@ -110,9 +110,9 @@ def test_releasing_pages_while_loading_and_warming_up_keeps_the_tokens(demo_arti
     from dg_runtime import DiffusionGemma
 
     prompt = [[5, 6, 7, 8, 9]]
-    expected = DiffusionGemma(demo_artifacts["cpu-fp32"], backend).generate(prompt, seed=3).tokens
+    expected = DiffusionGemma(demo_artifacts["cpu-fp32"], backend=backend).generate(prompt, seed=3).tokens
     monkeypatch.setattr(dg_runtime.graph, "RELEASE_FROM_BYTES", 0)
-    model = DiffusionGemma(demo_artifacts["cpu-fp32"], backend)
+    model = DiffusionGemma(demo_artifacts["cpu-fp32"], backend=backend, memory_upkeep=True)
     assert model.graph.weights_file is not None
     for _ in range(3):  # past the warm-up runs, which release pages too
         assert np.array_equal(model.generate(prompt, seed=3).tokens, expected)

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_checkpoint
+from dg_export import export
 from dg_export.cli import main as dg_export
 from dg_quantize.quality import read_report
 from dg_quantize.schemes import Scheme, dequantize_int4, dequantize_int8, int4_groups, int8_channels
@@ -66,26 +67,27 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_fp32(tmp_path_factory):
     artifact = tmp_path_factory.mktemp("demo") / "fp32.dg"
-    assert dg_export(["-o", str(artifact), "--no-validate"]) == 0
+    export(output=artifact, validation=None)
     return artifact
 
 
 # The trained demo model: real, peaked distributions (random tiny models are chaotic: there even fp16 weights flip
 # argmaxes, so agreement would measure the model's sensitivity, not the quantization). Targets from issue 8.
-@pytest.mark.parametrize("args, min_agreement, max_steps, max_ratio", [
-    (["--recipe", "cpu-int8"], 0.99, 1.05, 0.27),
-    (["--recipe", "cpu-int4-mixed"], 0.95, 1.10, 0.25),  # the demo's embedding is a third of it: int8 there
-    (["--weight-format", "int4", "--sym"], 0.95, 1.10, 0.20),
+@pytest.mark.parametrize("options, min_agreement, max_steps, max_ratio", [
+    ({"recipe": "cpu-int8"}, 0.99, 1.05, 0.27),
+    ({"recipe": "cpu-int4-mixed"}, 0.95, 1.10, 0.25),  # the demo's embedding is a third of it: int8 there
+    ({"weight_format": "int4", "sym": True}, 0.95, 1.10, 0.20),
 ])
-def test_quantized_export_reports_its_quality(tmp_path, demo_fp32, args, min_agreement, max_steps, max_ratio):
+def test_quantized_export_reports_its_quality(tmp_path, demo_fp32, options, min_agreement, max_steps, max_ratio):
     artifact = tmp_path / "q.dg"
-    assert dg_export(["-o", str(artifact), *args]) == 0
+    export(output=artifact, **options)
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert (artifact / "weights.bin").stat().st_size <= max_ratio * (demo_fp32 / "weights.bin").stat().st_size
 
     # Every matrix's precision is recorded; vectors stay fp32, the router is never quantized.
     tensors = manifest["weights"]["tensors"]
-    assert {t["format"] for name, t in tensors.items() if ".experts." in name} == {"int8" if "cpu-int8" in args else "int4"}
+    assert {t["format"] for name, t in tensors.items() if ".experts." in name} == {
+        "int8" if options.get("recipe") == "cpu-int8" else "int4"}
     assert all(t["format"] == "fp32" for name, t in tensors.items() if ".router." in name)
     assert manifest["validation"]["results"][0]["ok"]  # every tensor within half a step of the checkpoint
 
@@ -100,7 +102,7 @@ def test_quantized_export_reports_its_quality(tmp_path, demo_fp32, args, min_agr
 
     # The runtime reads it like any artifact, on both backends.
     for backend in ("onnxruntime", "openvino"):
-        done = DiffusionGemma(artifact, backend).generate([[5, 6, 7, 8]], seed=0)
+        done = DiffusionGemma(artifact, backend=backend).generate([[5, 6, 7, 8]], seed=0)
         assert done.tokens.shape[1] > 0
 
 
@@ -108,8 +110,7 @@ def test_quantized_graphs_keep_weights_narrow(tmp_path, checkpoint):
     """No fp32 copy of a quantized weight: ONNX graphs read the stored int8/uint4 bytes with ONNX Runtime's
     quantized kernels, and OpenVINO's compiled model keeps them compressed."""
     artifact = tmp_path / "q.dg"
-    assert dg_export([str(checkpoint), "-o", str(artifact), "--recipe", "cpu-int4-mixed",
-                      "--group-size", "32", "--no-validate"]) == 0
+    export(checkpoint, artifact, recipe="cpu-int4-mixed", group_size=32, validation=None)
     model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
     kernels = {node.op_type for node in model.graph.node if node.domain == "com.microsoft"}
     assert kernels == {"MatMulNBits", "DynamicQuantizeMatMul"}
@@ -161,16 +162,16 @@ def test_dry_run_sizes_are_what_the_export_writes(tmp_path, recipe):
     from dg_export.source import load_config
 
     planned = {name: size for name, size, _ in recipe_sizes(load_config(builtin_checkpoint()))}[recipe]
-    assert dg_export(["-o", str(tmp_path / "q.dg"), "--recipe", recipe, "--no-validate"]) == 0
+    export(output=tmp_path / "q.dg", recipe=recipe, validation=None)
     manifest = json.loads((tmp_path / "q.dg" / "manifest.json").read_text())
     assert manifest["weights"]["stored_bytes"] == planned
 
 
 def test_quantizing_an_artifact_equals_quantizing_the_checkpoint(tmp_path, demo_fp32, capsys):
-    from dg_quantize.cli import main as dg_quantize
+    from dg_export.cli import quantize_main as dg_quantize
 
     assert dg_quantize([str(demo_fp32), "-o", str(tmp_path / "a.dg"), "--recipe", "cpu-int4-mixed", "--no-validate"]) == 0
-    assert dg_export(["-o", str(tmp_path / "b.dg"), "--recipe", "cpu-int4-mixed", "--no-validate"]) == 0
+    export(output=tmp_path / "b.dg", recipe="cpu-int4-mixed", validation=None)
     assert (tmp_path / "a.dg" / "weights.bin").read_bytes() == (tmp_path / "b.dg" / "weights.bin").read_bytes()
     capsys.readouterr()
     assert dg_quantize(["--report", str(tmp_path / "a.dg")]) == 2  # exported without validation: no report
@@ -195,11 +196,11 @@ def test_int8_head_in_chunks_matches_the_whole_head(tmp_path, monkeypatch):
 
     checkpoint = make_checkpoint(tmp_path / "checkpoint", "window8-top2")
     whole, chunked = tmp_path / "whole.dg", tmp_path / "chunked.dg"
-    options = ["--weight-format", "int8", "--format", "onnx", "--no-validate"]
-    assert dg_export([str(checkpoint), "-o", str(whole), *options]) == 0
+    options = {"weight_format": "int8", "formats": ["onnx"], "validation": None}
+    export(checkpoint, whole, **options)
     monkeypatch.setattr(graphs, "LARGE_HEAD_BYTES", 0)
     monkeypatch.setattr(builder, "HEAD_CHUNK", 8)
-    assert dg_export([str(checkpoint), "-o", str(chunked), *options]) == 0
+    export(checkpoint, chunked, **options)
     graph = onnx.load(str(chunked / "model.onnx"), load_external_data=False).graph
     body = next(n for n in graph.node if n.op_type == "Loop").attribute[0].g
     assert "Transpose" in [n.op_type for n in graph.node] and "Transpose" not in [n.op_type for n in body.node]

@@ -9,7 +9,7 @@ SCRIPT = """
 import sys
 from dg_runtime import DiffusionGemma
 model = DiffusionGemma(sys.argv[1], backend=sys.argv[2])
-done = model.generate([model.text.encode("hello")], model.defaults.with_overrides(max_new_tokens=8, max_denoising_steps=2))
+done = model.generate([model.text.encode("hello")], settings=model.defaults.with_overrides(max_new_tokens=8, max_denoising_steps=2))
 assert done.tokens.shape == (1, 8), done.tokens.shape
 heavy = [m for m in ("torch", "transformers") if m in sys.modules]
 assert not heavy, heavy

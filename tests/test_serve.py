@@ -24,7 +24,7 @@ PROMPTS = ["greet: alice", "upper: kqztabcd", "next: abcdefgh", "shout: " + "abc
 
 @pytest.fixture(scope="module", params=["onnxruntime", "openvino"])
 def model(request, demo_artifact):
-    return DiffusionGemma(demo_artifact, request.param)
+    return DiffusionGemma(demo_artifact, backend=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def url(model):
 
 
 def expected_reply(model, ids, seed, settings=None) -> tuple[str, int]:
-    done = model.generate([ids], settings or model.defaults, seed=seed)
+    done = model.generate([ids], settings=settings or model.defaults, seed=seed)
     reply = model.reply(done.tokens[0])
     return model.text.decode(reply), len(reply)
 
@@ -144,12 +144,12 @@ BAD_REQUESTS = [  # name, body, status, param, words of the message
     ("non-string content", {"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content",
      "must be a string"),
     ("max_tokens 0", {"messages": HI, "max_tokens": 0}, 400, "max_tokens", "at least 1"),
-    ("max_tokens past the positions", {"messages": HI, "max_tokens": 10**6}, 400, None, "lower max_tokens"),
-    ("prompt too long", {"messages": [{"role": "user", "content": "a" * 5000}]}, 400, None, "shorten the prompt"),
+    ("max_tokens past the positions", {"messages": HI, "max_tokens": 10**6}, 400, "messages", "lower max_tokens"),
+    ("prompt too long", {"messages": [{"role": "user", "content": "a" * 5000}]}, 400, "messages", "shorten the prompt"),
     ("unknown model", {"model": "gpt-9", "messages": HI}, 404, "model", "'gpt-9' does not exist"),
     ("n of 2", {"messages": HI, "n": 2}, 400, "n", "n must be 1"),
-    ("bad steps", {"messages": HI, "steps": "many"}, 400, None, "steps must be a whole number"),
-    ("bad temperatures", {"messages": HI, "t_min": 0.9, "t_max": 0.5}, 400, None, "t_min < t_max"),
+    ("bad steps", {"messages": HI, "steps": "many"}, 400, "steps", "steps must be a whole number"),
+    ("bad temperatures", {"messages": HI, "t_min": 0.9, "t_max": 0.5}, 400, "t_min", "t_min < t_max"),
     ("bad seed", {"messages": HI, "seed": -1}, 400, "seed", "seed must be"),
     ("bad stop", {"messages": HI, "stop": [1]}, 400, "stop", "stop must be"),
     ("body over the limit", b'{"messages": "' + b"a" * (2 << 20) + b'"}', 413, None, "over 1048576 bytes"),

@@ -10,6 +10,7 @@ from conftest import BASE, CONFIGS
 from dg_export import builder
 from dg_export.builtin import tiny_config
 from dg_export.checkpoint import Checkpoint
+from dg_export import export
 from dg_export.cli import main as dg_export
 from dg_export.synthetic import write_checkpoint
 from dg_runtime import DiffusionGemma, Settings
@@ -33,7 +34,7 @@ def test_sharded_bf16_checkpoint_streams_and_validates(sharded, tmp_path, monkey
     original = Checkpoint.read
     monkeypatch.setattr(Checkpoint, "read", lambda self, name, *rows: reads.append(name) or original(self, name, *rows))
     out = tmp_path / "out.dg"
-    assert dg_export([str(sharded), "-o", str(out), "--validation", mode]) == 0
+    export(sharded, out, validation=mode)
     manifest = load_manifest(out)
     assert manifest["validation"]["mode"] == mode
     assert all(r["ok"] for r in manifest["validation"]["results"])
@@ -47,7 +48,7 @@ def test_sharded_bf16_checkpoint_streams_and_validates(sharded, tmp_path, monkey
     # the bf16 weights were widened exactly: weights.bin holds them as fp32
     params = sum(int(np.prod(Checkpoint(sharded).shape(n))) for n in index)
     assert (out / "weights.bin").stat().st_size >= 4 * params
-    done = DiffusionGemma(out).generate([[5, 6, 7]], Settings(max_new_tokens=8, max_denoising_steps=4), seed=0)
+    done = DiffusionGemma(out).generate([[5, 6, 7]], settings=Settings(max_new_tokens=8, max_denoising_steps=4), seed=0)
     assert done.tokens.shape == (1, 8)
 
 
@@ -58,7 +59,7 @@ def test_validation_by_layer_on_samples_of_experts_and_vocabulary(sharded, tmp_p
     monkeypatch.setattr(validate, "EXPERT_SAMPLE", 2)
     monkeypatch.setattr(validate, "VOCAB_SAMPLE", 100)
     out = tmp_path / "out.dg"
-    assert dg_export([str(sharded), "-o", str(out), "--validation", "by-layer"]) == 0
+    export(sharded, out, validation="by-layer")
     assert all(r["ok"] for r in load_manifest(out)["validation"]["results"])
 
 
@@ -107,14 +108,14 @@ def test_validation_by_layer_fails_on_a_wrong_window(sharded, tmp_path, monkeypa
 def test_fp16_weights_recipe(sharded, tmp_path, mode):
     """Matrices stored in fp16 (half the bytes), validated against transformers with the same fp16 weights."""
     fp32, fp16 = tmp_path / "fp32.dg", tmp_path / "fp16.dg"
-    assert dg_export([str(sharded), "-o", str(fp32), "--no-validate"]) == 0
-    assert dg_export([str(sharded), "-o", str(fp16), "--recipe", "openvino-fp16", "--validation", mode]) == 0
+    export(sharded, fp32, validation=None)
+    export(sharded, fp16, recipe="openvino-fp16", validation=mode)
     manifest = load_manifest(fp16)
     assert manifest["precision"] == "fp16" and all(r["ok"] for r in manifest["validation"]["results"])
     ratio = (fp16 / "weights.bin").stat().st_size / (fp32 / "weights.bin").stat().st_size
     assert 0.5 <= ratio < 0.55, ratio
     for backend in ("onnxruntime", "openvino"):
-        done = DiffusionGemma(fp16, backend).generate([[5, 6, 7]], Settings(max_new_tokens=8), seed=0)
+        done = DiffusionGemma(fp16, backend=backend).generate([[5, 6, 7]], settings=Settings(max_new_tokens=8), seed=0)
         assert done.tokens.shape == (1, 8)
 
 
@@ -126,11 +127,11 @@ def test_synthetic_source_streams_what_a_written_checkpoint_holds(tmp_path):
     overrides, canvas = CONFIGS["window8-top2"]
     config = tiny_config({**BASE, **overrides, "num_hidden_layers": len(overrides["layer_types"])}, canvas)
     write_config(tmp_path / "shape", config)
-    assert dg_export([f"synthetic:{tmp_path / 'shape'}", "-o", str(tmp_path / "synthetic.dg")]) == 0
+    export(f"synthetic:{tmp_path / 'shape'}", tmp_path / "synthetic.dg")
     manifest = load_manifest(tmp_path / "synthetic.dg")
     assert manifest["validation"]["mode"] == "by-layer" and all(r["ok"] for r in manifest["validation"]["results"])
     written = write_checkpoint(tmp_path / "written", config, shard_bytes=16 << 10,
                                embedding_std=5 / config.text_config.hidden_size ** 0.5)
-    assert dg_export([str(written), "-o", str(tmp_path / "written.dg"), "--format", "onnx", "--no-validate"]) == 0
+    export(written, tmp_path / "written.dg", formats=["onnx"], validation=None)
     onnx_only = (tmp_path / "written.dg" / "weights.bin").read_bytes()
     assert (tmp_path / "synthetic.dg" / "weights.bin").read_bytes()[:len(onnx_only)] == onnx_only

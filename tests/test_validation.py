@@ -5,7 +5,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dg_export.builtin import build_checkpoint
-from dg_export.cli import main as dg_export
+from dg_export import export
 from dg_runtime.artifact import load_manifest
 
 ILL_CONDITIONED = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3, "sliding_window": 16,
@@ -25,7 +25,7 @@ def test_an_ill_conditioned_model_exports(tmp_path):
             if parameter.ndim >= 2 and "vision" not in name:
                 parameter.normal_(0, 0.2)
     model.save_pretrained(folder)
-    assert dg_export([str(folder), "-o", str(tmp_path / "out.dg")]) == 0
+    export(folder, tmp_path / "out.dg")
     rows = load_manifest(tmp_path / "out.dg")["validation"]["results"]
     floats = [r for r in rows if "float32_error" in r]
     assert max(r["diff"] for r in floats) > 1e-4  # what a constant tolerance refused
@@ -48,7 +48,6 @@ def test_a_value_half_a_step_from_two_grid_points_passes_the_int8_check(tmp_path
     scale = np.float32(gate[0, 0]) / np.float32(127)
     assert np.float32(gate[0, 1]) / scale == np.float32(101.5)  # the tie the test is about
 
-    assert dg_export([str(folder), "-o", str(tmp_path / "int8.dg"), "--weight-format", "int8",
-                      "--validation", "by-layer", "--format", "onnx"]) == 0, capsys.readouterr().err
+    export(folder, tmp_path / "int8.dg", weight_format="int8", validation="by-layer", formats=["onnx"])
     (row,) = load_manifest(tmp_path / "int8.dg")["validation"]["results"]
     assert row["ok"] and row["diff"] == 0

@@ -27,14 +27,15 @@ TASKS = {
 }
 
 
-def problem(rng: random.Random, task: str | None = None) -> tuple[str, str]:
-    """(instruction, answer)."""
+def problem(rng: random.Random, task: str | None = None) -> tuple[str, str, str]:
+    """(instruction, answer, task)."""
     task = task or rng.choice(sorted(TASKS))
     length, answer = TASKS[task]
     text = "".join(rng.choice(LETTERS) for _ in range(length))
-    return f"{task}: {text}", answer(text)
+    return f"{task}: {text}", answer(text), task
 
 
 def held_out(count: int, seed: int = 12345) -> list[tuple[str, str]]:
+    """(instruction, answer) pairs never seen in training (the training script excludes them)."""
     rng = random.Random(seed)
-    return [problem(rng) for _ in range(count)]
+    return [problem(rng)[:2] for _ in range(count)]

@@ -1,6 +1,6 @@
 """Benchmark: the exported graphs and the runtime loop against transformers, measured in the same run.
 
-    python -m dg_export.benchmark [--size tiny|medium] [--threads 2]
+    python bench/benchmark.py [--size tiny|medium] [--threads 2]
 
 Uses the embedded demo model (tiny) or builds a seeded medium stand-in, exports it once (cached) with the
 cpu-fp32, cpu-int8 and cpu-int4-mixed recipes, then prints a Markdown table: the denoiser step (median ms, same
@@ -21,9 +21,8 @@ import torch
 from dg_runtime import DiffusionGemma, NoiseSource
 from dg_runtime.graph import STEP_OUTPUTS, WARMUP_RUNS
 
-from . import reference
-from .builtin import TEXT_CONFIG, build_checkpoint, builtin_checkpoint, cache_dir
-from .cli import main as dg_export
+from dg_export import export, reference
+from dg_export.builtin import TEXT_CONFIG, build_checkpoint, builtin_checkpoint, cache_dir
 
 # A larger stand-in with the real model's proportions where it matters for speed: 5 sliding : 1 full layers,
 # many experts with top-k routing, a canvas of 256.
@@ -41,7 +40,7 @@ RUNS = [("cpu-fp32", "onnxruntime", None), ("cpu-fp32", "openvino", "f32"), ("cp
 FRESH_PROCESS = """
 import sys, numpy as np
 from dg_runtime import DiffusionGemma
-model = DiffusionGemma(sys.argv[1], sys.argv[2], threads=int(sys.argv[3]), precision=sys.argv[4] or None)
+model = DiffusionGemma(sys.argv[1], backend=sys.argv[2], threads=int(sys.argv[3]), precision=sys.argv[4] or None)
 model.generate(np.arange(5, 45)[None] % model.vocab_size, seed=0)
 print(model.load_ms, [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
 """
@@ -80,7 +79,7 @@ def median_ms(run, repeats: int) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dg_export.benchmark")
+    parser = argparse.ArgumentParser(prog="python bench/benchmark.py")
     parser.add_argument("--size", choices=["tiny", "medium"], default="tiny")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed denoiser steps per backend")
@@ -95,13 +94,12 @@ def main(argv=None) -> None:
         if not is_current(artifacts[recipe]):
             # The wide embedding of the medium stand-in scales float32 rounding in the logits past 1e-4 (about
             # 2e-3); its fidelity is what the agreement column measures.
-            validate = ["--no-validate"] if args.size == "medium" else []
-            assert dg_export([str(checkpoint), "-o", str(artifacts[recipe]), "--overwrite", "--recipe", recipe,
-                              *validate]) == 0
+            export(checkpoint, artifacts[recipe], recipe=recipe, overwrite=True,
+                   validation=None if args.size == "medium" else "auto")
     from transformers import DiffusionGemmaForBlockDiffusion
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    runtimes = {(r, b, p): DiffusionGemma(artifacts[r], b, threads=args.threads, precision=p) for r, b, p in RUNS}
+    runtimes = {(r, b, p): DiffusionGemma(artifacts[r], backend=b, threads=args.threads, precision=p) for r, b, p in RUNS}
     first = next(iter(runtimes.values()))
     settings = first.defaults
     canvas, vocab = first.canvas_length, first.vocab_size
@@ -130,7 +128,7 @@ def main(argv=None) -> None:
 
     # Whole generations with the artifact's default settings and the same noise on every side.
     if args.size == "tiny":  # the demo model's own kind of problem, so that answers (and tokens/s) mean something
-        from .demo.tasks import held_out
+        from dg_export.demo.tasks import held_out
 
         prompts = [np.array([first.text.chat_ids([{"role": "user", "content": text}])])
                    for text, _ in held_out(args.seeds)]
@@ -150,7 +148,7 @@ def main(argv=None) -> None:
         tokens, seconds, blocks = 0, 0.0, 0
         for seed, ids in enumerate(prompts):
             generation_started = time.perf_counter()
-            done = runtime.generate(ids, settings, noise=NoiseSource(seed))
+            done = runtime.generate(ids, settings=settings, noise=NoiseSource(seed))
             tokens, blocks = tokens + done.stats.tokens, blocks + done.stats.blocks
             seconds += time.perf_counter() - generation_started - done.stats.prefill_ms / 1000
             n_steps += sum(done.stats.steps_per_block)

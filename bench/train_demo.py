@@ -1,6 +1,6 @@
 """Train the embedded demo model from scratch on this machine's CPU.
 
-    python -m dg_export.demo.train [--out export/demo/checkpoint] [--steps 3000] [--seed 0]
+    python bench/train_demo.py [--out export/demo/checkpoint] [--steps 3000] [--seed 0]
 
 The objective is the one the model is sampled with: the prompt is read by the causal encoder; the canvas (one
 block of the answer, then EOS, then pad) gets uniform-state noise — a sampled fraction of its tokens replaced by
@@ -22,8 +22,8 @@ import torch
 
 from dg_runtime.text import TextCodec
 
-from ..builtin import GENERATION_CONFIG, tiny_config, write_tokenizer
-from .tasks import TASKS, held_out, problem
+from dg_export.builtin import DEMO_CHECKPOINT, GENERATION_CONFIG, tiny_config, write_tokenizer
+from dg_export.demo.tasks import TASKS, held_out, problem
 
 CANVAS = 32
 EOS, PAD = 4, 0  # <end_of_turn> ends an answer, as in Gemma's chat format
@@ -45,9 +45,9 @@ def make_batch(rng: random.Random, codec: TextCodec, batch: int, excluded: set):
     while len(rows) < batch:
         history = []
         if earlier_task:
-            earlier, earlier_answer = problem(rng, earlier_task)
+            earlier, earlier_answer, _ = problem(rng, earlier_task)
             history = [{"role": "user", "content": earlier}, {"role": "assistant", "content": earlier_answer}]
-        instruction, answer = problem(rng, task)
+        instruction, answer, _ = problem(rng, task)
         if instruction not in excluded:
             prompt = codec.chat_ids([*history, {"role": "user", "content": instruction}])
             rows.append((prompt, codec.encode(answer) + [EOS]))
@@ -117,8 +117,8 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dg_export.demo.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
+    parser = argparse.ArgumentParser(prog="python bench/train_demo.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEMO_CHECKPOINT)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)

@@ -1,6 +1,6 @@
 """Benchmark: dg-export at the published model's depth, with synthetic checkpoints streamed from disk.
 
-    python -m dg_export.benchmark_export [--only real-depth|memory]
+    python bench/benchmark_export.py [--only real-depth|memory]
 
 real-depth  the published config's 30-layer pattern, 128 experts top-8, head layout and 262,144-token vocabulary
             with narrow widths: export time (both formats, validated), session creation / compilation of the graph,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .builtin import cache_dir
+from dg_export.builtin import cache_dir
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "diffusiongemma-26b-a4b-it" / "config.json"
 NARROW = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 64}
@@ -32,7 +32,7 @@ MEMORY_PAIR = {"small": {"hidden_size": 256, "intermediate_size": 512, "moe_inte
 
 
 def checkpoint(name: str, overrides: dict) -> Path:
-    from .synthetic import standin_config, write_checkpoint
+    from dg_export.synthetic import standin_config, write_checkpoint
 
     folder = cache_dir() / f"standin-{name}"
     if not (folder / "config.json").is_file():
@@ -74,8 +74,8 @@ def bf16_bytes(folder: Path) -> int:
 
 
 def planned(folder: Path) -> dict:
-    from .plan import count_parameters, export_estimate
-    from .source import load_config
+    from dg_export.plan import count_parameters, export_estimate
+    from dg_export.source import load_config
 
     config = load_config(folder)
     return export_estimate(config, count_parameters(config))
@@ -89,8 +89,8 @@ def real_depth() -> None:
     out = cache_dir() / "standin-real-depth.dg"
     seconds, peak = measured_export(folder, out)
     manifest = load_manifest(out, verify_checksums=False)
-    from .plan import count_parameters
-    from .source import load_config
+    from dg_export.plan import count_parameters
+    from dg_export.source import load_config
 
     params = count_parameters(load_config(folder))["total"]
     print(f"\n*real-depth stand-in: {params / 1e6:.0f} M text parameters (30 layers, 128 experts top-8, vocabulary "
@@ -151,7 +151,7 @@ def memory() -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dg_export.benchmark_export")
+    parser = argparse.ArgumentParser(prog="python bench/benchmark_export.py")
     parser.add_argument("--only", choices=["real-depth", "memory"])
     args = parser.parse_args(argv)
     if args.only in (None, "real-depth"):

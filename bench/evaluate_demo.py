@@ -1,7 +1,7 @@
 """Exact-match accuracy and tokens per forward of the demo model on held-out problems, with default generation
 settings, under transformers and under exported artifacts — all driven by the same noise per problem.
 
-    python -m dg_export.demo.evaluate [--checkpoint DIR] [--artifact DIR] [--problems 200]
+    python bench/evaluate_demo.py [--checkpoint DIR] [--artifact DIR] [--problems 200]
 
 With an artifact it also runs 30 two-turn chats through `dg_runtime.Chat`, whose second turn reuses the cache.
 """
@@ -15,14 +15,13 @@ import numpy as np
 import torch
 
 from dg_runtime import Chat, DiffusionGemma, NoiseSource, Settings
-from dg_runtime.generate import trim_reply
+from dg_runtime.streamer import reply_tokens
 from dg_runtime.text import TextCodec
 
-from ..reference import generate_with_noise
-from .tasks import held_out
-from .train import chat_prompt
+from dg_export.builtin import DEMO_CHECKPOINT as DEFAULT_CHECKPOINT
+from dg_export.reference import generate_with_noise
+from dg_export.demo.tasks import held_out
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint"
 
 
 def score(answers: list[str], expected: list[str], tokens_per_forward: list[float], seconds: float) -> dict:
@@ -39,18 +38,18 @@ def evaluate_transformers(checkpoint: Path, problems, codec: TextCodec) -> tuple
     eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
     answers, rates, started = [], [], time.perf_counter()
     for seed, (instruction, _) in enumerate(problems):
-        ids = np.array([chat_prompt(codec, instruction)])
+        ids = np.array([codec.chat_ids([{"role": "user", "content": instruction}])])
         tokens, recorder = generate_with_noise(model, ids, settings, NoiseSource(seed))
-        answers.append(codec.decode(trim_reply(tokens[0], eos, pad)))
+        answers.append(codec.decode(reply_tokens(tokens[0], eos, pad)))
         rates.append(int((tokens[0, : settings.max_new_tokens] != pad).sum()) / len(recorder.logits))  # as transformers counts
     return score(answers, [a for _, a in problems], rates, time.perf_counter() - started), answers
 
 
 def evaluate_artifact(artifact: Path, backend: str, problems) -> tuple[dict, list]:
-    model = DiffusionGemma(artifact, backend)
+    model = DiffusionGemma(artifact, backend=backend)
     answers, rates, started = [], [], time.perf_counter()
     for seed, (instruction, _) in enumerate(problems):
-        done = model.generate([chat_prompt(model.text, instruction)], noise=NoiseSource(seed))
+        done = model.generate([model.prompt_ids(instruction)], noise=NoiseSource(seed))
         answers.append(model.text.decode(model.reply(done.tokens[0])))
         rates.append(done.stats.tokens_per_forward)
     return score(answers, [a for _, a in problems], rates, time.perf_counter() - started), answers
@@ -58,19 +57,17 @@ def evaluate_artifact(artifact: Path, backend: str, problems) -> tuple[dict, lis
 
 def evaluate_chats(artifact: Path, backend: str, problems) -> tuple[int, int]:
     """Two-turn chats through dg_runtime.Chat (the second turn reuses the cache): turns answered right."""
-    model = DiffusionGemma(artifact, backend)
+    model = DiffusionGemma(artifact, backend=backend)
     right = 0
     for i in range(0, len(problems) - 1, 2):
         chat = Chat(model)
         for instruction, answer in problems[i : i + 2]:
-            for _ in chat.stream(instruction, seed=i):
-                pass
-            right += chat.messages[-1]["content"] == answer
+            right += chat.send(instruction, seed=i) == answer
     return right, len(problems) // 2 * 2
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dg_export.demo.evaluate")
+    parser = argparse.ArgumentParser(prog="python bench/evaluate_demo.py")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--artifact", type=Path, help="also evaluate this exported artifact on both backends")
     parser.add_argument("--problems", type=int, default=200)

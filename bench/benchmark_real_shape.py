@@ -1,6 +1,6 @@
 """The published 26B's shape end to end on this machine, and diffusion against autoregressive decoding on it.
 
-    python -m dg_export.benchmark_real_shape [--config FOLDER] [--reuse] [--backends onnxruntime,openvino]
+    python bench/benchmark_real_shape.py [--config FOLDER] [--reuse] [--backends onnxruntime,openvino]
 
 Streams deterministic random weights of the config (default: the published DiffusionGemma 26B-A4B's, from
 tests/fixtures) into a cpu-int4-mixed artifact in the cache, then, in a fresh process per backend: loads it,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .builtin import cache_dir
+from dg_export.builtin import cache_dir
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "diffusiongemma-26b-a4b-it"
 RECIPE = "cpu-int4-mixed"
@@ -51,7 +51,7 @@ def measure(artifact: str, backend: str) -> dict:
         return {k: int(v.split()[0]) * 1024 for k, v in status.items()}
 
     started = time.perf_counter()
-    model = DiffusionGemma(artifact, backend)
+    model = DiffusionGemma(artifact, backend=backend)
     loaded = resident()
     figures = {"load_s": time.perf_counter() - started, "rss_after_load": loaded["VmRSS"], "load_peak": loaded["VmHWM"]}
     rng = np.random.default_rng(0)
@@ -62,7 +62,7 @@ def measure(artifact: str, backend: str) -> dict:
     figures["rss_after_prefill"] = resident()["VmRSS"]
 
     settings = model.defaults.with_overrides(max_new_tokens=model.canvas_length)
-    for event in model.stream(rng.integers(3, model.vocab_size, (1, 1)), settings, seed=0, cache=cache):
+    for event in model.stream(rng.integers(3, model.vocab_size, (1, 1)), settings=settings, seed=0, cache=cache):
         pass
     figures.update(steps=event.stats.steps_per_block[0], step_s=event.stats.step_ms / 1000,
                    max_steps=settings.max_denoising_steps)
@@ -80,7 +80,7 @@ def measure(artifact: str, backend: str) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dg_export.benchmark_real_shape")
+    parser = argparse.ArgumentParser(prog="python bench/benchmark_real_shape.py")
     parser.add_argument("--config", type=Path, default=FIXTURE, help="a folder with a DiffusionGemma config.json")
     parser.add_argument("--reuse", action="store_true", help="use the artifact exported before, if there is one")
     parser.add_argument("--backends", default="onnxruntime,openvino")
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     size = sum(p.stat().st_size for p in artifact.iterdir() if p.is_file())
     rows = {}
     for backend in args.backends.split(","):
-        result = subprocess.run([sys.executable, "-m", "dg_export.benchmark_real_shape", "--worker", str(artifact),
+        result = subprocess.run([sys.executable, __file__, "--worker", str(artifact),
                                  backend], capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"{backend} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
