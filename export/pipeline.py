@@ -316,7 +316,7 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
 def say_backup_precision(precision: Precision, schemes: dict) -> None:
     """Tensors whose width no int4 group divides were kept at int8 (as NNCF keeps them at its backup precision)."""
     kept = [name for name, scheme in schemes.items()
-            if len(scheme.record()) > 1 and precision.formats.get(role_of(name)) == "int4" and scheme.format == "int8"]
+            if scheme.format == "int8" and precision.formats[role_of(name)] == "int4"]
     if kept:
         print(f"dg-export: {len(kept)} tensor(s) kept at int8, the backup precision: no int4 group of at least 16 "
               f"divides their input width (first: {kept[0]}); the manifest records each tensor's format",
@@ -353,8 +353,9 @@ def check_quantized(source: Source, config, checkpoint, weights, staging: Path, 
             manifest["quality"] = measure_quality(config, checkpoint, staging, manifest, backends,
                                                   demo=source.model == BUILTIN_ID)
     if mode != "full":
-        print("dg-export: no quality report: it runs fp32 graphs of the whole model, which would not fit in memory "
-              "(see --dry-run); the quantized weights were checked", file=sys.stderr)
+        print("dg-export: no quality report: it runs fp32 graphs of the whole model, which full validation does "
+              "(too large for memory here, or not asked for; see --dry-run); the quantized weights were checked",
+              file=sys.stderr)
     return rows
 
 

@@ -40,15 +40,14 @@ class Scheme:
         return entry
 
     def for_columns(self, columns: int) -> "Scheme":
-        """This scheme with the group narrowed to divide `columns` (the expert width 704 takes 64, not 128)."""
+        """This scheme with the group narrowed to divide `columns` (the expert width 704 takes 64, not 128); int8,
+        the backup precision, where no group of at least MIN_GROUP does (as NNCF keeps such a tensor)."""
         if self.format != "int4" or columns % self.group == 0:
             return self
         group = self.group
         while group > MIN_GROUP and columns % group:
             group //= 2
-        if columns % group:
-            raise ValueError(f"no int4 group of at least {MIN_GROUP} divides {columns} input channels")
-        return Scheme("int4", group, self.sym)
+        return Scheme("int8") if columns % group else Scheme("int4", group, self.sym)
 
 
 def int8_channels(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -313,3 +313,36 @@ def test_versions(capsys):
             main(["--version"])
         assert exit_info.value.code == 0
     assert capsys.readouterr().out.split() == ["dg-run", "0.1.0", "dg-export", "0.1.0"]
+
+
+def test_a_folder_as_prompt_file(exported, tmp_path, capsys):
+    _, artifact = exported("window8-top2")
+    assert dg_run([str(artifact), "-f", str(tmp_path)]) == 2
+    assert "is a folder" in one_error_line(capsys, "dg-run")
+
+
+def test_an_output_path_through_a_file(checkpoint, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "file" / "sub.dg")]) == 2
+    assert "is a file" in one_error_line(capsys, "dg-export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_int4_keeps_a_width_no_group_divides_at_int8(tmp_path, capsys):
+    """An expert width of 40: no int4 group of at least 16 divides it. The down projections stay int8 (the backup
+    precision, as NNCF keeps such a tensor), the export says so, and the artifact runs on both backends."""
+    from dg_export import export
+    from dg_export.builtin import build_checkpoint
+    from dg_runtime import load
+
+    folder = build_checkpoint(tmp_path / "model", {"moe_intermediate_size": 40, "num_hidden_layers": 2,
+                                                   "layer_types": ["sliding_attention", "full_attention"]},
+                              canvas_length=32)
+    export(folder, tmp_path / "int4.dg", recipe="cpu-int4-mixed", validation="by-layer")
+    assert "2 tensor(s) kept at int8, the backup precision" in capsys.readouterr().err
+    tensors = json.loads((tmp_path / "int4.dg" / "manifest.json").read_text())["weights"]["tensors"]
+    assert {name: t["format"] for name, t in tensors.items() if "experts" in name} == {
+        f"model.decoder.layers.{i}.experts.{p}": f for i in (0, 1)
+        for p, f in (("gate_up_proj", "int4"), ("down_proj", "int8"))}
+    for backend in ("onnxruntime", "openvino"):
+        assert load(tmp_path / "int4.dg", backend=backend).generate([[5, 6, 7]], seed=0).tokens.shape == (1, 32)
