@@ -66,6 +66,11 @@ def load_manifest(folder: Path, verify_checksums: bool = True) -> dict:
     return manifest
 
 
+def is_quantized(manifest: dict) -> bool:
+    """Whether any stored tensor is int8 or int4."""
+    return any(t["format"] in ("int8", "int4") for t in manifest.get("weights", {}).get("tensors", {}).values())
+
+
 # What the runtime reads from a manifest, by type. A dict maps required keys to their schemas; {str: X} is a
 # mapping of any keys to X; [X] a list of X; a tuple of types the allowed types.
 INT, TEXT = (int,), (str,)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import load_manifest
+from .artifact import is_quantized, load_manifest
 from .backends import check_memory, format_entry, open_graph, release_mapped_pages, releasing_mapped_pages
 from .errors import PromptTooLong, SettingError, UserError
 from .graph import STEP_OUTPUTS, ModelGraph, worth_releasing
@@ -172,7 +172,8 @@ class DiffusionGemma:
         self.defaults = Settings.from_generation_config(json.loads(generation.read_text()) if generation.is_file() else {})
         self.text = TextCodec(self.folder)
         weights_file = self.folder / format_entry(self.manifest, self.backend)[1]["weights"]
-        check_memory(weights_file.stat().st_size, self.backend)  # load_manifest checked that the file is there
+        # load_manifest checked that the file is there
+        check_memory(weights_file.stat().st_size, self.backend, quantized=is_quantized(self.manifest))
         release = weights_file if memory_upkeep and worth_releasing(weights_file) else None
         with releasing_mapped_pages(release, while_loading=True) if release else nullcontext():
             session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)

@@ -1,6 +1,7 @@
 """The runtime as an app gets it: a wheel built from this tree, installed with only its [onnxruntime] extra into a
 clean virtual environment, generates from Python with no torch, transformers or onnx installed."""
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -24,7 +25,9 @@ def site_packages_mb(environment: Path) -> float:
 
 
 def test_the_runtime_wheel_in_a_clean_environment(tmp_path, demo_artifact):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    source = tmp_path / "source"  # setuptools builds in the source tree: a copy keeps the checkout clean
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "*.dg"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("dg_edge-*.whl")
     environment = tmp_path / "venv"
