@@ -1,6 +1,6 @@
 """The embedded default model and the tiny checkpoints that tests and benchmarks build from configs.
 
-`builtin:tiny` is the demo model trained by `python -m dg_export.demo.train` and shipped in
+`builtin:tiny` is the demo model trained by `python bench/train_demo.py` and shipped in
 export/demo/checkpoint (config, safetensors, tokenizer). `build_checkpoint` writes seeded random checkpoints of
 any shape, no network needed.
 """
@@ -111,5 +111,5 @@ def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_le
 def builtin_checkpoint() -> Path:
     if not (DEMO_CHECKPOINT / "config.json").is_file():
         raise UserError(f"the embedded demo checkpoint is missing from {DEMO_CHECKPOINT}; reinstall dg-edge or "
-                        "retrain it with `python -m dg_export.demo.train`")
+                        "retrain it with `python bench/train_demo.py` from a clone")
     return DEMO_CHECKPOINT

@@ -57,7 +57,7 @@ def add_output_options(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--validation", choices=["auto", "full", "by-layer"], default="auto",
                         help="compare with transformers as a whole model, or one layer at a time in bounded memory "
-                             "(auto: full where it fits in 4 GB, as --dry-run plans)")
+                             "(auto: full where it fits in 4 GB)")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with transformers")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="validation's floor for |graph - transformers| / (1 + |transformers|) against float64 "
@@ -111,6 +111,8 @@ def quantize_main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     if not args.report and args.weight_format is None and args.recipe == DEFAULT_RECIPE:
         parser.error("say what to quantize to: --weight-format int8|int4 or --recipe NAME")
+    if not args.report and args.output is None:
+        parser.error("say where to write the quantized artifact: -o OUT")
     return run_cli("dg-quantize", lambda: run_quantize(args), FLAGS)
 
 

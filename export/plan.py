@@ -9,7 +9,7 @@ import torch
 from .graphs import graph_specs, kv_layout
 
 GB = 1e9
-# Measured here (2 cores; python -m dg_export.benchmark_export): the exporter process with its libraries loaded,
+# Measured here (2 cores; python bench/benchmark_export.py): the exporter process with its libraries loaded,
 # memory per byte of what validation holds, and throughputs.
 PROCESS_BYTES = 0.55e9
 FULL_VALIDATION_BUDGET = 4e9
@@ -45,7 +45,7 @@ def count_parameters(config) -> dict:
 
 def export_estimate(config, counts: dict, validation: str = "auto") -> dict:
     """dg-export's peak memory and time for this shape, from the sizes that drive them and the rates and overheads
-    measured here (python -m dg_export.benchmark_export prints measured peaks beside these).
+    measured here (python bench/benchmark_export.py prints measured peaks beside these).
 
     Streaming holds one chunk (or one 2-D matrix, which is transposed whole) as read, widened and laid out. Full
     validation holds transformers' fp32 model (loaded through a state dict), both backends' sessions (with their
