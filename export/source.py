@@ -63,7 +63,7 @@ def load_config(folder: Path):
 
 
 def load_model(folder: Path):
-    """The transformers model in fp32 eval mode: the oracle the graphs are traced from and validated against."""
+    """The transformers model in fp32 eval mode: the oracle the graphs are validated against."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging
