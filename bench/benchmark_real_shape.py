@@ -51,7 +51,7 @@ def measure(artifact: str, backend: str) -> dict:
         return {k: int(v.split()[0]) * 1024 for k, v in status.items()}
 
     started = time.perf_counter()
-    model = DiffusionGemma(artifact, backend=backend)
+    model = DiffusionGemma(artifact, backend=backend, verify=True, memory_upkeep=True)  # as dg-run loads
     loaded = resident()
     figures = {"load_s": time.perf_counter() - started, "rss_after_load": loaded["VmRSS"], "load_peak": loaded["VmHWM"]}
     rng = np.random.default_rng(0)
