@@ -578,18 +578,22 @@ def dequantized_embedding(g: Graph, source: str, c: ModelShape) -> str:
 
 
 def soft_embedding(g: Graph, probs: str, c: ModelShape) -> str:
-    """probs @ embedding * sqrt(hidden). An int8 embedding's row scales fold into probs, so ONNX Runtime's int8
-    kernel reads the int8 rows as a [vocab, hidden] matrix with one scale."""
+    """probs @ embedding * sqrt(hidden). An int8 embedding's row scales fold into probs, so the int8 rows are read
+    as a [vocab, hidden] matrix with one scale per column (of ones): ONNX Runtime's int8 kernel takes it so, and
+    OpenVINO's compressed MatMul must not see a scale along its reduction axis (its CPU plugin dies of SIGFPE on one
+    in bf16: 2026.4, tests/test_quantize.py)."""
     source = f"{c.embed_prefix}.embed_tokens.weight"
     scheme = g.weights.scheme(source)
     if not scheme.quantized:
-        product = g.op("MatMul", probs, g.weight(source, rows=c.vocab_rows))
-    elif g.target == "onnx":
-        parts = g.stored(source, "as_is", c.vocab_rows)
-        product = g.op("DynamicQuantizeMatMul", g.op("Mul", probs, parts["scale"]), parts["weight"],
-                       g.const(np.ones(c.hidden), np.float32), domain=CONTRIB)
+        return g.op("Mul", g.op("MatMul", probs, g.weight(source, rows=c.vocab_rows)), g.const(c.hidden**0.5, np.float32))
+    parts = g.stored(source, "as_is", c.vocab_rows)
+    scaled = g.op("Mul", probs, parts["scale"])
+    if g.target == "onnx":
+        product = g.op("DynamicQuantizeMatMul", scaled, parts["weight"], g.const(np.ones(c.hidden), np.float32),
+                       domain=CONTRIB)
     else:
-        product = g.op("MatMul", probs, dequantized_embedding(g, source, c))
+        ones = g.const(np.ones((1, c.hidden)), np.float32)
+        product = g.op("MatMul", scaled, g.op("Mul", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), ones))
     return g.op("Mul", product, g.const(c.hidden**0.5, np.float32))
 
 

@@ -245,3 +245,24 @@ def test_quality_metrics_check_themselves(demo_fp32):
     answers = [(prompt, answer) for prompt, answer, _ in problems("tiny", 1, 10)]
     assert quality.exact_match(demo_fp32, "onnxruntime", answers) >= 0.9
     assert quality.exact_match(demo_fp32, "onnxruntime", [(p, a + "!") for p, a in answers]) == 0
+
+
+@pytest.mark.parametrize("recipe", ["cpu-int8", "cpu-int4-mixed"])
+def test_quantized_artifacts_run_in_bf16_on_openvino(tmp_path, recipe):
+    """OpenVINO's CPU plugin computing in bf16 (its default on AMX CPUs) over the quantized graph, in a process of its
+    own: a compressed MatMul with its scale along the reduction axis (the soft embedding's int8 rows) killed it
+    with SIGFPE. The weights stay compressed."""
+    import subprocess
+    import sys
+
+    artifact = export(output=tmp_path / "q.dg", recipe=recipe, validation=None)
+    result = subprocess.run([sys.executable, "-m", "dg_runtime.cli", str(artifact), "greet: alice", "--backend",
+                             "openvino", "--precision", "bf16"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("hello alice"), (result.returncode, result.stderr)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(artifact / "model.xml"), str(artifact / "weights.bin")),
+                                  "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    weight_types = {str(op.input(1).get_element_type()) for op in compiled.get_runtime_model().get_ordered_ops()
+                    if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
+                    and "router" not in op.get_friendly_name()}  # the router stays fp32 by design
+    assert weight_types <= {"<Type: 'int8_t'>", "<Type: 'uint4_t'>"}, weight_types
