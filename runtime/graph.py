@@ -2,12 +2,11 @@
 cache, and a denoising step over the canvas. The encoder and the denoiser share the graph so that their weights
 are loaded once."""
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .backends import release_mapped_pages, releasing_mapped_pages, trim_heap
+from .backends import release_mapped_pages, releasing_mapped_pages, resident_bytes, trim_heap
 from .kv_cache import KVCache
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
@@ -17,9 +16,11 @@ STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
 # stand-in's peak on OpenVINO: int8 427 -> 351 MB, int4-mixed 367 -> 321 MB, fp32 950 -> 815 MB).
 # Past the warm-up the heap still grows (the 26B on ONNX Runtime: 20-40 MB a step, as each step's routing sizes
 # its temporaries anew; +0.6 GB over a block) and weights read in place (embedding rows) come back from the file:
-# after a run, at most once every UPKEEP_SECONDS, the heap is trimmed and the pages released again (~10 ms).
+# once the resident size has grown UPKEEP_GROWTH past where the last upkeep left it, the heap is trimmed and the
+# pages released again. (A trim walks the whole heap: ~125 ms on a 3.5 GB artifact, ~0.8 s on the 26B's. Run once
+# a second, it cost every 26B-wide step that much; on growth, one step in several.)
 WARMUP_RUNS = 8
-UPKEEP_SECONDS = 1.0
+UPKEEP_GROWTH = 256 << 20
 RELEASE_FROM_BYTES = 32 << 20
 
 
@@ -33,7 +34,7 @@ class ModelGraph:
         self.session, self.hidden_size, self.encode_chunk = session, hidden_size, encode_chunk
         self.weights_file = weights_file
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
-        self.runs, self.last_upkeep = 0, time.monotonic()
+        self.runs, self.settled = 0, 0  # the resident bytes the last upkeep left
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.runs += 1
@@ -43,10 +44,10 @@ class ModelGraph:
             with releasing_mapped_pages(self.weights_file):
                 return self.session.run(outputs, feeds)
         results = self.session.run(outputs, feeds)
-        if time.monotonic() - self.last_upkeep >= UPKEEP_SECONDS:
+        if self.runs == WARMUP_RUNS + 1 or resident_bytes() - self.settled >= UPKEEP_GROWTH:
             trim_heap()
             release_mapped_pages(self.weights_file)
-            self.last_upkeep = time.monotonic()
+            self.settled = resident_bytes()
         return results
 
     def encoder_feeds(self, cache: KVCache, ids: np.ndarray) -> dict[str, np.ndarray]:
