@@ -2,6 +2,7 @@
 ceiling for the kernel each component runs.
 
     python bench/profile_step.py [--layers 6] [--recipe cpu-int4-mixed] [--steps 5] [--backends onnxruntime,openvino]
+                                 [--precision f32|bf16] [--fresh]
 
 The stand-in has the published config's widths, heads, 128 experts top-8 and 262,144-token vocabulary, and the
 first `--layers` of its layer pattern (6: one unit, 5 sliding + 1 full), with seeded random weights streamed
@@ -10,15 +11,13 @@ into the recipe's artifact once (kept in the cache). Per backend, in a fresh pro
 own per-node timer (ONNX Runtime's profiler, OpenVINO's PERF_COUNT) and sort node time into components by the
 builder's scopes (`layers.N/experts/...`). "host" is the wall time of a step's graph call not spent in nodes (feeds,
 outputs, the framework), "loop" the runtime's numpy work between graph calls. Each matmul component's GOP/s is set
-beside the best this backend reaches on the same GEMM shape alone, with int8 weights and in float (ONNX Runtime:
-fp32, OpenVINO: bf16 on AMX) measured in the same run. The 30-layer step is extrapolated from the layers' times
-(sliding and full layers scaled separately) and, with --check-full, compared once with the full 26B's
-(`bench/benchmark_real_shape.py` exports it).
+beside the best this backend reaches on the same GEMM shape alone, with int8 and int4 weights and in float (ONNX
+Runtime: fp32, OpenVINO: bf16 on AMX) measured in the same run. The 30-layer step is extrapolated from the layers'
+times (sliding and full layers scaled separately). `--fresh` exports the stand-in again (after exporter changes).
 """
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -98,8 +97,8 @@ def component_gops(config, past: int) -> dict[str, float]:
     return gops
 
 
-def standin(layers: int, recipe: str) -> Path:
-    """The real-width stand-in's artifact, exported once into the cache."""
+def standin(layers: int, recipe: str, fresh: bool = False) -> Path:
+    """The real-width stand-in's artifact, exported once into the cache (again if `fresh`)."""
     from dg_export import export
     from dg_export.builtin import cache_dir
     from dg_export.synthetic import standin_config, write_config
@@ -107,14 +106,14 @@ def standin(layers: int, recipe: str) -> Path:
     published = json.loads((FIXTURE / "config.json").read_text())["text_config"]
     folder = cache_dir() / f"profile-{layers}-layers"
     artifact = cache_dir() / f"profile-{layers}-layers-{recipe}.dg"
-    if not (artifact / "manifest.json").is_file():
+    if fresh or not (artifact / "manifest.json").is_file():
         write_config(folder, standin_config(FIXTURE / "config.json", {
             "num_hidden_layers": layers, "layer_types": published["layer_types"][:layers]}))
         export(f"synthetic:{folder}", artifact, recipe=recipe, overwrite=True, validation=None)
     return artifact
 
 
-def profile(artifact: str, backend: str, steps: int) -> dict:
+def profile(artifact: str, backend: str, steps: int, precision: str | None = None) -> dict:
     """In a fresh process: per-component milliseconds of a denoising step (median over `steps`), per layer, the
     host's share of a graph call and the loop's numpy time per step."""
     from dg_runtime import load
@@ -132,7 +131,7 @@ def profile(artifact: str, backend: str, steps: int) -> dict:
         np.arange(cache.length, cache.length + shape[1])[None], np.array(0.7, np.float32),
         rng.random(shape, dtype=np.float32))
     model.graph.session = None  # one copy of the weights at a time
-    session = OrtProfiled(model) if backend == "onnxruntime" else OvProfiled(model)
+    session = OrtProfiled(model) if backend == "onnxruntime" else OvProfiled(model, precision)
     for _ in range(WARMUP_RUNS):
         session.run(STEP_OUTPUTS, feeds)
     walls = []
@@ -221,13 +220,13 @@ class OrtProfiled:
 class OvProfiled:
     """The artifact's OpenVINO IR compiled with PERF_COUNT on; each run's per-node times kept."""
 
-    def __init__(self, model):
+    def __init__(self, model, precision: str | None):
         import openvino as ov
 
         entry = model.manifest["formats"]["openvino"]
         core = ov.Core()
         ir = core.read_model(str(model.folder / entry["graphs"]["model"]), str(model.folder / entry["weights"]))
-        precision = os.environ.get("DG_PROFILE_PRECISION") or model.manifest["openvino"]["inference_precision"]
+        precision = precision or model.manifest["openvino"]["inference_precision"]
         config = {"PERF_COUNT": "YES", "INFERENCE_PRECISION_HINT": precision}
         self.request = core.compile_model(ir, "CPU", config).create_infer_request()
         self.steps = []
@@ -359,10 +358,10 @@ def session(path: Path, backend: str, kernel: str):
 
 # --- the report ----------------------------------------------------------------------------------------------------
 
-def worker(artifact: str, backend: str, steps: int) -> dict:
+def worker(artifact: str, backend: str, steps: int, precision: str | None) -> dict:
     from dg_export.source import load_config
 
-    figures = profile(artifact, backend, steps)
+    figures = profile(artifact, backend, steps, precision)
     figures["ceilings"] = ceilings(backend, load_config(Path(artifact)))
     return figures
 
@@ -409,18 +408,22 @@ def main(argv=None) -> None:
     parser.add_argument("--recipe", default="cpu-int4-mixed")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backends", default="onnxruntime,openvino")
+    parser.add_argument("--precision", choices=["f32", "bf16"], help="OpenVINO's inference precision (default: the "
+                        "artifact's)")
+    parser.add_argument("--fresh", action="store_true", help="export the stand-in again")
     parser.add_argument("--worker", nargs=3, metavar=("ARTIFACT", "BACKEND", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
+        print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]), args.precision)))
         return
     from dg_export.source import load_config
 
-    artifact = standin(args.layers, args.recipe)
+    artifact = standin(args.layers, args.recipe, args.fresh)
     results = {}
     for backend in args.backends.split(","):
         print(f"profiling {backend} ...", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, __file__, "--worker", str(artifact), backend, str(args.steps)],
+        done = subprocess.run([sys.executable, __file__, "--worker", str(artifact), backend, str(args.steps),
+                               *(["--precision", args.precision] if args.precision else [])],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{backend} failed:\n{done.stderr[-3000:]}")
