@@ -1,13 +1,17 @@
-"""Train the embedded demo model from scratch on this machine's CPU.
+"""Train an embedded demo model from scratch on this machine's CPU.
 
-    python bench/train_demo.py [--out export/demo/checkpoint] [--steps 3000] [--seed 0]
+    python bench/train_demo.py [--model tiny|canvas256] [--out FOLDER] [--steps N] [--seed 0]
+
+`tiny` (export/demo/checkpoint): four short tasks with exact answers, a 32-token canvas. `canvas256`
+(export/demo/canvas256): transformations of 240-character passages of the Python standard library's docstrings
+that fill a whole 256-token canvas (two for `twice`), and free continuation of such prose (export/demo/prose.py).
 
 The objective is the one the model is sampled with: the prompt is read by the causal encoder; the canvas (one
 block of the answer, then EOS, then pad) gets uniform-state noise — a sampled fraction of its tokens replaced by
 random vocabulary tokens — and the denoiser predicts the clean block. Half of the batches first run without
 self-conditioning and feed their own (tempered) prediction back, as the sampler does from the second step on.
 Answers longer than a canvas are trained block by block, with the earlier blocks clean in the encoder, so block
-transitions and EOS-then-pad are learned; a third of the prompts are second turns of a chat.
+transitions and EOS-then-pad are learned; for `tiny` a third of the prompts are second turns of a chat.
 """
 
 import argparse
@@ -23,22 +27,22 @@ import torch
 from dg_runtime.text import TextCodec
 
 from dg_export.builtin import DEMO_CHECKPOINT, GENERATION_CONFIG, tiny_config, write_tokenizer
+from dg_export.demo import prose
 from dg_export.demo.tasks import TASKS, held_out, problem
 
-CANVAS = 32
 EOS, PAD = 4, 0  # <end_of_turn> ends an answer, as in Gemma's chat format
+# model -> canvas, text config overrides (of builtin.TEXT_CONFIG), default steps, batch, learning rate
+MODELS = {
+    "tiny": (32, {}, 3000, 32, 3e-3),
+    "canvas256": (256, {"hidden_size": 192, "intermediate_size": 384, "num_attention_heads": 4, "head_dim": 48,
+                        "num_key_value_heads": 2, "global_head_dim": 96, "moe_intermediate_size": 192,
+                        "sliding_window": 512}, 4000, 8, 2e-3),
+}
 
 
-def chat_prompt(codec: TextCodec, instruction: str) -> list[int]:
-    return codec.chat_ids([{"role": "user", "content": instruction}])
-
-
-def make_batch(rng: random.Random, codec: TextCodec, batch: int, excluded: set):
-    """A batch of one task (so prompts align without padding) at one block of the answer.
-
-    A third of the batches are second turns of a chat (an earlier problem and its answer come first), so the
-    model also answers in a conversation whose history is in the cache.
-    """
+def tiny_rows(rng: random.Random, codec: TextCodec, batch: int, excluded: set) -> list[tuple[list, list]]:
+    """(prompt ids, answer ids + EOS) of one task; a third of the batches are second turns of a chat (an earlier
+    problem and its answer come first), so the model also answers with a conversation in its cache."""
     task = rng.choice(sorted(TASKS))
     earlier_task = rng.choice(sorted(TASKS)) if rng.random() < 1 / 3 else None
     rows = []
@@ -49,11 +53,26 @@ def make_batch(rng: random.Random, codec: TextCodec, batch: int, excluded: set):
             history = [{"role": "user", "content": earlier}, {"role": "assistant", "content": earlier_answer}]
         instruction, answer, _ = problem(rng, task)
         if instruction not in excluded:
-            prompt = codec.chat_ids([*history, {"role": "user", "content": instruction}])
-            rows.append((prompt, codec.encode(answer) + [EOS]))
-    block = rng.randrange(math.ceil(min(len(a) for _, a in rows) / CANVAS))
-    inputs = torch.tensor([p + a[: block * CANVAS] for p, a in rows])
-    targets = torch.tensor([(a[block * CANVAS:] + [PAD] * CANVAS)[:CANVAS] for _, a in rows])
+            rows.append((codec.chat_ids([*history, {"role": "user", "content": instruction}]),
+                         codec.encode(answer) + [EOS]))
+    return rows
+
+
+def prose_rows(rng: random.Random, codec: TextCodec, batch: int, excluded: set) -> list[tuple[list, list]]:
+    """(prompt ids, target ids + EOS) of one kind, from the paragraphs not held out."""
+    kind = rng.choice(prose.KINDS)
+    rows = []
+    for _ in range(batch):
+        prompt, target, _ = prose.example(rng, kind, held_out=False)
+        rows.append((codec.chat_ids([{"role": "user", "content": prompt}]), codec.encode(target) + [EOS]))
+    return rows
+
+
+def make_batch(rows: list[tuple[list, list]], rng: random.Random, canvas: int):
+    """One block of the answers (the earlier blocks clean after the prompt): encoder inputs and canvas targets."""
+    block = rng.randrange(math.ceil(min(len(a) for _, a in rows) / canvas))
+    inputs = torch.tensor([p + a[: block * canvas] for p, a in rows])
+    targets = torch.tensor([(a[block * canvas:] + [PAD] * canvas)[:canvas] for _, a in rows])
     return inputs, targets
 
 
@@ -66,9 +85,10 @@ def add_noise(targets: torch.Tensor, vocab: int, generator: torch.Generator) -> 
     return torch.where(replace, torch.randint(0, vocab, targets.shape, generator=generator), targets)
 
 
-def train(out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
+def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
     from transformers import DiffusionGemmaForBlockDiffusion
 
+    canvas, overrides = MODELS[name][:2]
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -77,18 +97,20 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
     staging.mkdir(parents=True)
     write_tokenizer(staging)
     codec = TextCodec(staging)
+    rows = tiny_rows if name == "tiny" else prose_rows
     excluded = {instruction for instruction, _ in held_out(200)}
 
-    model = DiffusionGemmaForBlockDiffusion(tiny_config(canvas_length=CANVAS)).train()
+    model = DiffusionGemmaForBlockDiffusion(tiny_config(overrides, canvas_length=canvas)).train()
     vocab = model.config.text_config.vocab_size
     params = [p for n, p in model.named_parameters() if "vision" not in n]
+    print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, canvas {canvas}", flush=True)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s / steps, 1)))))
     started, running = time.perf_counter(), None
     for step in range(steps):
-        inputs, targets = make_batch(rng, codec, batch, excluded)
+        inputs, targets = make_batch(rows(rng, codec, batch, excluded), rng, canvas)
         noisy = add_noise(targets, vocab, generator)
         self_conditioning = None
         if torch.rand(1, generator=generator).item() < 0.5:
@@ -110,22 +132,26 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
     model.eval().save_pretrained(staging, safe_serialization=True)
     (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps(
-        {"steps": steps, "seed": seed, "batch": batch, "lr": lr, "canvas_length": CANVAS,
-         "tasks": sorted(TASKS), "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
+        {"model": name, "steps": steps, "seed": seed, "batch": batch, "lr": lr, "canvas_length": canvas,
+         "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
+         "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python bench/train_demo.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEMO_CHECKPOINT)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--out", type=Path, help="checkpoint folder (default: the model's in export/demo)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    steps, batch, lr = MODELS[args.model][2:]
+    out = args.out or (DEMO_CHECKPOINT if args.model == "tiny" else DEMO_CHECKPOINT.parent / args.model)
     torch.set_num_threads(2)
-    train(args.out, args.steps, args.seed, args.batch, args.lr)
+    train(args.model, out, args.steps or steps, args.seed, args.batch or batch, args.lr or lr)
 
 
 if __name__ == "__main__":
