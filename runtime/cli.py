@@ -17,7 +17,8 @@ from .generate import DiffusionGemma, Draft, TextDelta, check_runtime_options
 FLAGS = {"max_new_tokens": "-n/--max-new-tokens", "max_denoising_steps": "--steps", "entropy_bound": "--entropy-bound",
          "t_max": "--t-max", "t_min": "--t-min", "stability_threshold": "--stability-threshold",
          "confidence_threshold": "--confidence-threshold", "threads": "-t/--threads", "seed": "-s/--seed",
-         "precision": "--precision", "backend": "--backend", "raw": "--raw", "system": "--system"}
+         "precision": "--precision", "backend": "--backend", "raw": "--raw", "system": "--system", "fast": "--fast",
+         "freeze_after": "--freeze-after", "refresh_every": "--refresh-every"}
 
 
 def parse_args(argv):
@@ -43,6 +44,12 @@ def parse_args(argv):
     parser.add_argument("--t-min", type=float)
     parser.add_argument("--stability-threshold", type=int)
     parser.add_argument("--confidence-threshold", type=float)
+    parser.add_argument("--fast", action="store_true", default=None,
+                        help="fast mode: freeze settled positions and compute only the others (not token-exact)")
+    parser.add_argument("--freeze-after", type=int, help="fast mode: steps a position is accepted with the same token "
+                        "before it freezes (default 2)")
+    parser.add_argument("--refresh-every", type=int, help="fast mode: run the whole canvas every N steps (default 0: "
+                        "never)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
     parser.add_argument("--visual", action="store_true", help="redraw the canvas at every denoising step")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
@@ -99,6 +106,7 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
         entropy_bound=args.entropy_bound, t_max=args.t_max, t_min=args.t_min,
         stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold,
+        fast=args.fast, freeze_after=args.freeze_after, refresh_every=args.refresh_every,
     )
     ids = model.prompt_ids(prompt, system=args.system, raw=args.raw)
     shown = ""
@@ -122,7 +130,8 @@ def run(args) -> int:
         print(flush=True)
         print(f"\n[{stats.blocks} block(s), steps per block {stats.steps_per_block}, "
               f"{stats.tokens_per_forward:.2f} tokens/forward, load {stats.load_ms:.0f} ms, "
-              f"prefill {stats.prefill_ms:.1f} ms, {stats.step_ms:.1f} ms/step, {stats.tokens_per_second:.1f} tokens/s]",
+              f"prefill {stats.prefill_ms:.1f} ms, {stats.step_ms:.1f} ms/step, {stats.tokens_per_second:.1f} tokens/s"
+              f"{f', fast: {stats.canvas_computed:.0%} of the canvas computed' if settings.fast else ''}]",
               file=sys.stderr)
     return 0
 

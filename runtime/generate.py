@@ -41,6 +41,9 @@ class Settings:
     t_min: float = 0.4
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    fast: bool = False  # freeze settled positions and compute only the others (see DiffusionGemma._denoise)
+    freeze_after: int = 2  # fast mode: accepted with the same token this many steps in a row, a position freezes
+    refresh_every: int = 0  # fast mode: every this many steps the whole canvas runs again (0: never)
 
     @classmethod
     def from_generation_config(cls, config: dict) -> "Settings":
@@ -60,7 +63,9 @@ class Settings:
 
     def check(self) -> None:
         """Every setting finite and in range; the CLI, the server and the API share this one check."""
-        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold"):
+        if not isinstance(self.fast, (bool, np.bool_)):
+            raise SettingError(f"{{fast}} must be true or false (got {self.fast!r})", "fast", value=self.fast)
+        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold", "freeze_after", "refresh_every"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise SettingError(f"{{{name}}} must be a whole number (got {value!r})", name, value=value)
@@ -69,7 +74,8 @@ class Settings:
             if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool) or not math.isfinite(value):
                 raise SettingError(f"{{{name}}} must be a finite number (got {value!r})", name, value=value)
         for name, low, kind in (("max_new_tokens", 1, "at least 1"), ("max_denoising_steps", 1, "at least 1"),
-                                ("stability_threshold", 0, "0 or more"), ("confidence_threshold", 0, "0 or more")):
+                                ("stability_threshold", 0, "0 or more"), ("confidence_threshold", 0, "0 or more"),
+                                ("freeze_after", 1, "at least 1"), ("refresh_every", 0, "0 or more")):
             value = getattr(self, name)
             if value < low:
                 raise SettingError(f"{{{name}}} must be {kind} (got {value})", name, value=value)
@@ -131,6 +137,7 @@ class Stats:
     prefill_ms: float = 0.0
     step_ms: float = 0.0
     tokens_per_second: float = 0.0
+    canvas_computed: float = 1.0  # the share of canvas positions a step ran through the graph (fast mode: < 1)
 
     @classmethod
     def cut_short(cls, steps_per_block: list[int], tokens: int, seconds: float, load_ms: float = 0.0) -> "Stats":
@@ -197,13 +204,16 @@ class DiffusionGemma:
             check_runtime_options(self.backend, None, None, seed)
         input_ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         batch = input_ids.shape[0]
+        if settings.fast and batch > 1:
+            raise SettingError(f"{{fast}} mode generates one row at a time (got {batch}); run the rows one by one "
+                               "or leave {fast} out", "fast", value=True)
         cache = cache if cache is not None else self.new_cache(batch)
         self.check_length(cache.length + input_ids.shape[1], settings)
         noise = noise or NoiseSource(seed)
         stats = Stats(load_ms=self.load_ms)
         finished = np.zeros(batch, dtype=bool)
         forward_passes = np.zeros(batch, dtype=np.int64)
-        blocks, pending, step_seconds, started = [], input_ids, 0.0, time.perf_counter()
+        blocks, pending, step_seconds, positions_computed, started = [], input_ids, 0.0, 0, time.perf_counter()
 
         for index in range(math.ceil(settings.max_new_tokens / self.canvas_length)):
             encode_started = time.perf_counter()
@@ -211,8 +221,10 @@ class DiffusionGemma:
             if index == 0:
                 stats.prefill_ms = (time.perf_counter() - encode_started) * 1000
 
-            canvas, steps, seconds = yield from self._denoise(cache, settings, noise, finished, forward_passes, index)
+            canvas, steps, seconds, computed = yield from self._denoise(cache, settings, noise, finished,
+                                                                         forward_passes, index)
             step_seconds += seconds
+            positions_computed += computed
             block, finished = finalize_block(canvas, finished, self.eos_ids, self.pad_id)
             blocks.append(block)
             stats.steps_per_block.append(steps)
@@ -228,11 +240,18 @@ class DiffusionGemma:
         stats.blocks, stats.tokens = len(blocks), generated
         stats.tokens_per_forward = float(np.mean(per_row / np.maximum(forward_passes, 1)))
         stats.step_ms = step_seconds * 1000 / max(total_steps, 1)
+        stats.canvas_computed = positions_computed / max(total_steps * self.canvas_length, 1)
         stats.tokens_per_second = generated / max(time.perf_counter() - started, 1e-9)
         yield Done(tokens, stats)
 
     def _denoise(self, cache: KVCache, settings: Settings, noise: NoiseSource, finished, forward_passes, index):
-        """The denoising steps of one block: yields a Draft per step, returns (argmax canvas, steps, graph seconds)."""
+        """The denoising steps of one block: yields a Draft per step, returns (argmax canvas, steps, graph seconds,
+        canvas positions computed).
+
+        Fast mode (`settings.fast`, one row) freezes a position once it was accepted with the same token
+        `freeze_after` steps in a row: it keeps that token, is no longer renoised, and later steps run only the other
+        positions, with the frozen ones' keys and values (from the last step that computed them) added to the past;
+        every `refresh_every` steps (0: never) a step runs the whole canvas again. The exact mode never freezes."""
         shape = (cache.batch, self.canvas_length)
         canvas = noise.tokens(shape, self.vocab_size)
         argmax = canvas
@@ -240,29 +259,53 @@ class DiffusionGemma:
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(cache.length, cache.length + shape[1]), shape))
         stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold, shape)
         done = np.zeros(shape[0], dtype=bool)
-        seconds = 0.0
+        frozen, streak = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int64)
+        kv = {}  # fast mode: present name -> [B, heads, canvas, dim], each position's last computed keys or values
+        outputs = STEP_OUTPUTS + (self.graph.present_names if settings.fast else [])
+        seconds, computed = 0.0, 0
         for step in range(settings.max_denoising_steps, 0, -1):
+            number = settings.max_denoising_steps - step + 1
             forward_passes += ~(done | finished)
-            t = temperature(step, settings.max_denoising_steps, settings.t_min, settings.t_max)
-            feeds = self.graph.denoiser_feeds(cache, canvas, soft, positions, np.array(t, dtype=np.float32),
-                                              noise.uniforms(shape))
+            t = np.array(temperature(step, settings.max_denoising_steps, settings.t_min, settings.t_max), np.float32)
+            uniform = noise.uniforms(shape)
+            refresh = settings.refresh_every and number % settings.refresh_every == 0
+            active = slice(None) if refresh or not frozen.any() else np.flatnonzero(~frozen[0])
+            feeds = self.graph.denoiser_feeds(cache, canvas[:, active], soft[:, active], positions[:, active], t,
+                                              uniform[:, active])
+            if isinstance(active, np.ndarray):  # the frozen positions join the past
+                for name, rows in kv.items():
+                    past = name.replace("present.", "past.", 1)
+                    feeds[past] = np.concatenate([feeds[past], rows[:, :, frozen[0]]], axis=2)
             started = time.perf_counter()
-            new_argmax, sampled, entropy, new_soft = self.graph.run(STEP_OUTPUTS, feeds)
+            new_argmax, sampled, entropy, new_soft, *presents = self.graph.run(outputs, feeds)
             seconds += time.perf_counter() - started
+            if isinstance(active, np.ndarray) or frozen.any():  # back to the whole canvas; frozen stay as they are
+                new_argmax, sampled, entropy, new_soft = (scatter(whole, active, part) for whole, part in (
+                    (canvas, new_argmax), (canvas, sampled), (np.zeros(shape, np.float32), entropy), (soft, new_soft)))
+                for values in (new_argmax, sampled):
+                    values[frozen] = canvas[frozen]
+                entropy[frozen] = 0.0
+            for name, part in zip(self.graph.present_names if settings.fast else [], presents):
+                kv[name] = scatter(kv.get(name, np.zeros((*part.shape[:2], shape[1], part.shape[3]), np.float32)),
+                                   active, part, axis=2)
+            computed += shape[1] if isinstance(active, slice) else len(active)
 
-            accepted = entropy_bound_accept(entropy, settings.entropy_bound)
+            accepted = entropy_bound_accept(entropy, settings.entropy_bound) | frozen
             new_canvas = np.where(accepted, sampled, noise.tokens(shape, self.vocab_size))
+            if settings.fast:
+                streak = np.where(accepted, np.where(sampled == canvas, streak + 1, 1), 0)
+                frozen |= streak >= settings.freeze_after
             # Rows that already stopped keep their state while the others go on.
             new_argmax = np.where(done[:, None], argmax, new_argmax)
             new_canvas = np.where(done[:, None], canvas, new_canvas)
             soft = np.where(done[:, None, None], soft, new_soft)
-            done = done | stopper(new_argmax, entropy)
+            done = done | stopper(new_argmax, entropy) | frozen.all(axis=1)
             canvas, argmax = new_canvas, new_argmax
 
-            yield Draft(index, settings.max_denoising_steps - step + 1, argmax, accepted)
+            yield Draft(index, number, argmax, accepted)
             if done.all():
                 break
-        return argmax, settings.max_denoising_steps - step + 1, seconds
+        return argmax, number, seconds, computed
 
     def generate(self, input_ids, *, settings: Settings | None = None, seed: int = 0, cache: KVCache | None = None,
                  noise: NoiseSource | None = None) -> Done:
@@ -298,21 +341,34 @@ class DiffusionGemma:
         return TextStreamer(self.text, self.eos_ids, self.pad_id, (settings or self.defaults).max_new_tokens, stop)
 
     def stream_text(self, prompt: str, *, system: str | None = None, raw: bool = False,
-                    settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = (),
+                    settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = (), fast: bool = False,
                     noise: NoiseSource | None = None) -> Iterator[Draft | TextDelta | Done]:
         """Generate a reply to `prompt` (the chat template applied unless `raw`). Yields a Draft after every step,
         a TextDelta whenever text became final, and Done last (with the whole `text` and `finish_reason`). The
-        generation ends at the block where the reply ended (EOS, a `stop` string, max_new_tokens)."""
+        generation ends at the block where the reply ended (EOS, a `stop` string, max_new_tokens). `fast`: fast
+        mode (as `Settings.fast`)."""
         ids = self.prompt_ids(prompt, system=system, raw=raw)
+        settings = (settings or self.defaults).with_overrides(fast=fast or None)
         yield from stream_reply(self, self.stream([ids], settings=settings, seed=seed, noise=noise),
                                 self.text_streamer(settings, stop))
 
     def generate_text(self, prompt: str, *, system: str | None = None, raw: bool = False,
-                      settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = ()) -> str:
+                      settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = (),
+                      fast: bool = False) -> str:
         """The reply to `prompt` as text (see `stream_text`)."""
-        for event in self.stream_text(prompt, system=system, raw=raw, settings=settings, seed=seed, stop=stop):
+        for event in self.stream_text(prompt, system=system, raw=raw, settings=settings, seed=seed, stop=stop,
+                                      fast=fast):
             pass
         return event.text
+
+
+def scatter(whole: np.ndarray, index, part: np.ndarray, axis: int = 1) -> np.ndarray:
+    """A copy of `whole` with `part` at `index` along `axis` (a slice of everything: `part` itself)."""
+    if isinstance(index, slice):
+        return part
+    result = whole.copy()
+    result[(slice(None),) * axis + (index,)] = part
+    return result
 
 
 def stream_reply(model: DiffusionGemma, events: Iterator[Draft | Block | Done],

@@ -12,7 +12,8 @@ from dg_runtime import DiffusionGemma, PromptTooLong, Settings, TextStreamer, Us
 
 # extra body field -> runtime setting
 EXTRA_FIELDS = {"steps": "max_denoising_steps", "entropy_bound": "entropy_bound", "t_max": "t_max", "t_min": "t_min",
-                "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold"}
+                "stability_threshold": "stability_threshold", "confidence_threshold": "confidence_threshold",
+                "fast": "fast", "freeze_after": "freeze_after", "refresh_every": "refresh_every"}
 # runtime setting -> the API's name for it, to word the runtime's errors
 API_NAMES = {"max_new_tokens": "max_tokens", **{setting: name for name, setting in EXTRA_FIELDS.items()}}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -145,7 +146,8 @@ def stats_object(stats, cached_tokens: int) -> dict:
     return {"blocks": stats.blocks, "steps_per_block": stats.steps_per_block,
             "tokens_per_forward": round(stats.tokens_per_forward, 3),
             "tokens_per_second": round(stats.tokens_per_second, 2), "prefill_ms": round(stats.prefill_ms, 2),
-            "step_ms": round(stats.step_ms, 2), "cached_tokens": cached_tokens}
+            "step_ms": round(stats.step_ms, 2), "canvas_computed": round(stats.canvas_computed, 3),
+            "cached_tokens": cached_tokens}
 
 
 def response(request: Request, model_id: str, reply: TextStreamer, usage_object: dict, dg: dict) -> dict:

@@ -93,6 +93,11 @@ def test_completions_and_extra_settings(model, url):
     settings = model.defaults.with_overrides(max_denoising_steps=1)
     assert answer.choices[0].text == expected_reply(model, model.text.encode(prompt), 5, settings)[0]
     assert answer.model_extra["dg"]["stats"]["steps_per_block"] == [1]
+    fast = {"fast": True, "freeze_after": 1, "steps": 8, "stability_threshold": 8}
+    answer = client.completions.create(model="demo", prompt=prompt, seed=5, extra_body=fast)
+    settings = model.defaults.with_overrides(max_denoising_steps=8, stability_threshold=8, fast=True, freeze_after=1)
+    assert answer.choices[0].text == expected_reply(model, model.text.encode(prompt), 5, settings)[0]
+    assert "canvas_computed" in answer.model_extra["dg"]["stats"]
 
 
 def test_stop_strings_and_max_tokens(model, url):
