@@ -108,8 +108,14 @@ def build_checkpoint(folder: Path, text_overrides: dict | None = None, canvas_le
     return folder
 
 
-def builtin_checkpoint() -> Path:
-    if not (DEMO_CHECKPOINT / "config.json").is_file():
-        raise UserError(f"the embedded demo checkpoint is missing from {DEMO_CHECKPOINT}; reinstall dg-edge or "
-                        "retrain it with `python bench/train_demo.py` from a clone")
-    return DEMO_CHECKPOINT
+# the embedded models: builtin:NAME -> its checkpoint folder (bench/train_demo.py --model NAME trains it)
+BUILTINS = {"builtin:tiny": DEMO_CHECKPOINT, "builtin:canvas256": DEMO_CHECKPOINT.parent / "canvas256"}
+
+
+def builtin_checkpoint(model: str = BUILTIN_ID) -> Path:
+    folder = BUILTINS[model]
+    if not (folder / "config.json").is_file():
+        raise UserError(f"the embedded checkpoint of {model} is missing from {folder}; reinstall dg-edge, or "
+                        f"train it with `python bench/train_demo.py --model {model.removeprefix('builtin:')}` from a "
+                        "clone")
+    return folder

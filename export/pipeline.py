@@ -24,7 +24,7 @@ from dg_runtime.artifact import FORMAT_VERSION, GRAPH_NAMES, write_manifest
 from dg_runtime.errors import UserError
 
 from . import __version__
-from .builtin import BUILTIN_ID, builtin_checkpoint
+from .builtin import BUILTIN_ID, BUILTINS, builtin_checkpoint
 from .recipes import DEFAULT_RECIPE, load_recipe
 from .source import OPTIONAL_FILES, TOKENIZER_FILES, check_files, read_config, resolve
 
@@ -113,8 +113,10 @@ class Source:
         from .checkpoint import is_artifact
 
         self.model, self.synthetic = model, model.startswith(SYNTHETIC_PREFIX)
-        if model == BUILTIN_ID:
-            self.folder = builtin_checkpoint()
+        if model.startswith("builtin:"):
+            if model not in BUILTINS:
+                raise UserError(f"no embedded model {model}; the embedded ones are {', '.join(BUILTINS)}")
+            self.folder = builtin_checkpoint(model)
         elif self.synthetic:
             self.folder = resolve(model.removeprefix(SYNTHETIC_PREFIX), need_weights=False, local_only=True)
         else:
