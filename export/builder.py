@@ -73,10 +73,11 @@ class Graph:
 
     `target` is the backend the graph is for: quantized weights are read by ONNX Runtime's contrib kernels
     ("onnx") or by OpenVINO's compressed-weight pattern in standard ops ("openvino"); float graphs are the same.
+    `moe` "tiled" (OpenVINO only) writes the routed experts as the MoE block OpenVINO's transformations fuse.
     """
 
-    def __init__(self, name: str, weights, target: str = "onnx"):
-        self.name, self.weights, self.target = name, weights, target
+    def __init__(self, name: str, weights, target: str = "onnx", moe: str = "sorted"):
+        self.name, self.weights, self.target, self.moe = name, weights, target, moe
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
         self.main_nodes = self.nodes
         self._scope, self._count, self._constants, self._weights = [], {}, {}, {}
@@ -131,12 +132,12 @@ class Graph:
             self._constants[key] = name
         return self._constants[key]
 
-    def uint4_eight(self, owner: str) -> str:
-        """A [1, 1, 1] uint4 eight, `owner`'s own: the zero point of symmetric int4 in OpenVINO's pattern."""
+    def uint4_eight(self, owner: str, rank: int = 3) -> str:
+        """A [1, ...] uint4 eight, `owner`'s own: the zero point of symmetric int4 in OpenVINO's pattern."""
         key = ("uint4-eight", owner)
         if key not in self._constants:
             name = f"const_{len(self._constants)}"
-            self.initializers.append(helper.make_tensor(name, TensorProto.UINT4, [1, 1, 1], [8]))
+            self.initializers.append(helper.make_tensor(name, TensorProto.UINT4, [1] * rank, [8]))
             self._constants[key] = name
         return self._constants[key]
 
@@ -321,6 +322,8 @@ def experts(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, 
                                     g.const(np.arange(c.num_experts)[None])), to=TensorProto.INT64)  # [N*K, E]
         pairs = g.op("Squeeze", g.op("Shape", pair_expert), g.const([0]))
         hidden = g.op("Slice", g.op("Shape", flat), g.const([1]), g.const([2]))
+        if g.moe == "tiled":
+            return experts_tiled(g, flat, top_index, top_weights, prefix, c)
         if g.weights.scheme(f"{prefix}.gate_up_proj").quantized:
             per_pair = experts_by_sorting(g, flat, pair_expert, one_hot, pairs, prefix, c)
         else:
@@ -336,6 +339,48 @@ def expert_mlp(g: Graph, x: str, prefix: str, c: "ModelShape", rows: str | None)
     gate_up = expert_matmul(g, x, f"{prefix}.gate_up_proj", c, rows)
     gate, up = g.op("Split", gate_up, g.const([c.expert_width, c.expert_width]), axis=-1, outputs=2)
     return expert_matmul(g, g.op("Mul", gelu_tanh(g, gate), up), f"{prefix}.down_proj", c, rows)
+
+
+def experts_tiled(g: Graph, flat: str, top_index: str, top_weights: str, prefix: str, c: "ModelShape") -> str:
+    """The MoE block OpenVINO recognises (its ConvertTiledMoeBlockTo3GatherMatmuls; optimum-intel exports Gemma 4
+    so): every token tiled to every expert, gate, up and down as batched MatMuls over [E, out, in] weights read
+    transposed, the top-k weights scattered into a [tokens, experts] table that weights each expert's output, and
+    the sum over experts. As written this is the dense all-experts computation (E / k times the work); OpenVINO
+    turns it into GatherMatmuls that run each token through its own k experts only, compressed weights kept
+    compressed (on CPU and XMX GPUs; its GPU plugin further into one fused MoE kernel)."""
+    tokens = g.op("Slice", g.op("Shape", flat), g.const([0]), g.const([1]))
+    table = g.op("ScatterElements", g.op("ConstantOfShape", g.op("Concat", tokens, g.const([c.num_experts]), axis=0),
+                                         value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+                 top_index, top_weights, axis=1)  # [T, E]
+    routing = g.op("Reshape", g.op("Transpose", table, perm=[1, 0]), g.const([c.num_experts, -1, 1]))
+    tiled = g.op("Reshape", g.op("Tile", flat, g.const([c.num_experts, 1])), g.const([c.num_experts, -1, c.hidden]))
+    gate = g.op("MatMul", tiled, expert_weights(g, f"{prefix}.gate_up_proj", "gate", c))
+    up = g.op("MatMul", tiled, expert_weights(g, f"{prefix}.gate_up_proj", "up", c))
+    down = g.op("MatMul", g.op("Mul", gelu_tanh(g, gate), up), expert_weights(g, f"{prefix}.down_proj", "as_is", c))
+    down = g.op("Reshape", down, g.const([c.num_experts, -1, c.hidden]))
+    return g.op("ReduceSum", g.op("Mul", down, routing), g.const([0]), keepdims=0)
+
+
+def expert_weights(g: Graph, source: str, layout: str, c: "ModelShape") -> str:
+    """All experts' [E, out, in] matrices of `source` (or the gate or up half of gate_up_proj), transposed to
+    [E, in, out] by a Transpose that OpenVINO folds into its MatMul; quantized ones in NNCF's decompression form."""
+    scheme = g.weights.scheme(source)
+    if not scheme.quantized:
+        return g.op("Transpose", g.weight(source, layout, c.expert_rows), perm=[0, 2, 1])
+    shape = g.weights.checkpoint.shape(g.weights.resolve(source))
+    experts, out, columns = shape[0], shape[1] // (2 if layout in ("gate", "up") else 1), shape[2]
+    if scheme.format == "int8":
+        parts = g.stored(source, layout, c.expert_rows, scale=(TensorProto.FLOAT, [experts, out, 1]))
+        weight = g.op("Mul", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), parts["scale"])
+    else:
+        half, blocks = TensorProto.FLOAT16, columns // scheme.group
+        side = (half, [experts, out, blocks, 1])
+        parts = g.stored(source, layout, c.expert_rows, weight=(TensorProto.UINT4, [experts, out, blocks, scheme.group]),
+                         scale=side, **({"zero": side} if not scheme.sym else {}))
+        zero = parts["zero"] if "zero" in parts else g.op("Cast", g.uint4_eight(f"{source}.{layout}", 4), to=half)
+        values = g.op("Mul", g.op("Sub", g.op("Cast", parts["weight"], to=half), zero), parts["scale"])
+        weight = g.op("Cast", g.op("Reshape", values, g.const([experts, out, columns])), to=TensorProto.FLOAT)
+    return g.op("Transpose", weight, perm=[0, 2, 1])
 
 
 def experts_by_capacity(g: Graph, flat, pair_expert, one_hot, pairs, hidden, prefix: str, c: "ModelShape") -> str:
@@ -455,10 +500,10 @@ def rotary_frequencies(text_config) -> dict[str, np.ndarray]:
     return frequencies
 
 
-def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onnx.ModelProto:
+def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx", moe: str = "sorted") -> onnx.ModelProto:
     """The encoder and the denoiser in one graph (see graphs.graph_specs): the layers, and so the weights, are
     shared; `denoising` switches the mask, the layer scalars and the input embedding."""
-    g = Graph("model", weights, target)
+    g = Graph("model", weights, target, moe)
     inputs = {e["name"]: g.add_input(e) for e in spec["inputs"]}
     input_ids, position_ids, denoising = inputs["input_ids"], inputs["position_ids"], inputs["denoising"]
     past = [inputs[e["name"]] for e in spec["inputs"] if e["name"].startswith("past.")]
@@ -494,6 +539,7 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx") -> onn
     return g.model()
 
 
+MOE_FORMS = ("sorted", "tiled")  # the routed experts: today's forms (capacity or sorted), or OpenVINO's tiled block
 HEAD_CHUNK = 32  # rows of the head at a time on ONNX Runtime: [32, 262144] temporaries are 34 MB at the 26B's size
 
 
@@ -659,7 +705,10 @@ def sample_block(vocab: int) -> int:
     return next(d for d in range(int(vocab**0.5), 0, -1) if vocab % d == 0)
 
 
-def build_graphs(config, weights, target: str = "onnx") -> dict[str, onnx.ModelProto]:
-    """The artifact's graphs for one target ("onnx" or "openvino": they differ only in quantized weights)."""
+def build_graphs(config, weights, target: str = "onnx", moe: str = "sorted") -> dict[str, onnx.ModelProto]:
+    """The artifact's graphs for one target ("onnx" or "openvino": they differ in quantized weights, the head of a
+    large vocabulary and, with `moe` "tiled", the routed experts)."""
+    if moe not in MOE_FORMS or (moe == "tiled" and target != "openvino"):
+        raise ValueError(f"no MoE form {moe!r} for {target}")
     shape, specs = ModelShape(config), graph_specs(config)
-    return {"model": build_model(shape, specs["model"], weights, target)}
+    return {"model": build_model(shape, specs["model"], weights, target, moe)}

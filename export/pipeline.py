@@ -212,11 +212,15 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
     with progress.stage(f"building graphs and streaming weights{quantizing}"):
         bar = progress_bar(params * 4, "weights read")
         weights = Weights(staging / WEIGHTS_FILE, checkpoint, precision, shapes, bar)
+        moe = recipe["openvino"].get("moe", "sorted")
         try:
             weights.check_shapes()
-            graphs = build_graphs(config, weights)
-            # Quantized weights are read by different kernels on OpenVINO: same bytes, its own graphs.
-            openvino_sources = build_graphs(config, weights, "openvino") if precision.quantized else graphs
+            graphs = build_graphs(config, weights) if "onnx" in formats else {}
+            # Quantized weights are read by different kernels on OpenVINO (same bytes), and a tiled MoE block is
+            # OpenVINO's alone: its own graphs then.
+            if "openvino" in formats:
+                own = precision.quantized or moe == "tiled" or not graphs
+                openvino_sources = build_graphs(config, weights, "openvino", moe) if own else graphs
         finally:
             weights.close()
             bar.close()
@@ -303,10 +307,6 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
 
             write_report(staging, manifest["quality"])
             print(format_report(manifest["quality"]), file=sys.stderr)
-    if "onnx" not in formats:
-        for graph in GRAPH_NAMES:
-            (staging / f"{graph}.onnx").unlink()
-
     with progress.stage("writing manifest and checksums"):
         write_manifest(staging, manifest)
     seconds = progress.close()
@@ -337,7 +337,11 @@ def validate_against_transformers(source: Source, config, checkpoint, weights, s
             return validate.validate(load_model(source.folder), staging, manifest, backends, atol)
         bar = progress_bar(validate.component_count(config), "components", unit="it")
         try:
-            return validate.validate_by_layer(config, checkpoint, staging, weights, backends, atol, progress=bar)
+            # the components as the artifact's graphs are built: ONNX's where it has them, else OpenVINO's
+            target = "onnx" if "onnx" in manifest["formats"] else "openvino"
+            moe = "sorted" if target == "onnx" else manifest["openvino"].get("moe", "sorted")
+            return validate.validate_by_layer(config, checkpoint, staging, weights, backends, atol, progress=bar,
+                                              target=target, moe=moe)
         finally:
             bar.close()
 

@@ -35,4 +35,7 @@ def load_recipe(name_or_path: str) -> dict:
     Precision(recipe["weights"], where=f"recipe {name_or_path}")  # says what is wrong with its weights entry
     if not set(recipe["formats"]) <= {"onnx", "openvino"}:
         raise UserError(f"recipe {name_or_path} lists unknown formats {recipe['formats']}")
+    if recipe["openvino"].get("moe", "sorted") not in ("sorted", "tiled"):
+        raise UserError(f"recipe {name_or_path}: openvino.moe must be 'sorted' or 'tiled' (got "
+                        f"{recipe['openvino']['moe']!r})")
     return {"name": name, **recipe}

@@ -183,13 +183,22 @@ class ComponentWeights:
     component graph whose weights are inputs)."""
 
     def __init__(self, model: onnx.ModelProto, folder: Path):
-        self.arrays, self.sources = {}, {}
+        from .weights import HALVES
+
+        self.arrays, self.sources, halves = {}, {}, {}
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 array = read_stored(tensor, folder)
                 self.arrays[tensor.name] = array
-                source = re.sub(r"\[\d+:\d+\]$", "", tensor.name)
-                self.sources[source.removesuffix(".linear")] = (array, source.endswith(".linear"))
+                source, _, layout = re.sub(r"\[\d+:\d+\]$", "", tensor.name).rpartition(".")
+                if layout in HALVES:  # gate and up stored apart: transformers' module takes them stacked
+                    halves.setdefault(source, {})[layout] = array
+                elif layout == "linear":
+                    self.sources[source] = (array, True)
+                else:
+                    self.sources[f"{source}.{layout}"] = (array, False)
+        for source, parts in halves.items():
+            self.sources[source] = (np.concatenate([parts[h] for h in HALVES], axis=-2), False)
 
     def torch(self, source: str, dtype=torch.float32) -> torch.Tensor:
         """The tensor in transformers' layout (a view when it is stored transposed and float32)."""
@@ -222,7 +231,7 @@ def check_weights_file(checkpoint, weights, folder: Path) -> float:
     before it is rounded to the grid, so a value exactly half a step from two grid points may land on either, and
     be half a step plus 2^-24 |w| away. That much is allowed (2^-23 |w|), no more."""
     from .checkpoint import row_chunks
-    from .weights import NUMPY_TYPES, decode, transposed
+    from .weights import NUMPY_TYPES, decode, layout_rows, transposed
 
     mismatched = 0
     for (source, layout), locations in weights.locations.items():
@@ -232,7 +241,7 @@ def check_weights_file(checkpoint, weights, folder: Path) -> float:
         for start, stop in row_chunks(checkpoint.shape(name), whole=whole):
             stored, tolerance = decode({part: read_stored(t, folder, start, stop) for part, t in parts.items()},
                                        scheme, layout)
-            expected = checkpoint.read(name, start, stop)
+            expected = layout_rows(layout, checkpoint.read(name, start, stop))
             if not scheme.quantized:
                 expected = expected.astype(NUMPY_TYPES[parts["weight"].data_type])
             expected = expected.astype(np.float64)
@@ -248,7 +257,8 @@ def weights_row(checkpoint, weights, folder: Path) -> dict:
 
 
 def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], atol: float, batch: int = 2,
-                      new_tokens: int = 5, seed: int = 0, progress=None) -> list[dict]:
+                      new_tokens: int = 5, seed: int = 0, progress=None, target: str = "onnx",
+                      moe: str = "sorted") -> list[dict]:
     """Each component of the graphs, built by the same builder functions from the same weights, against
     transformers' own module: every encoder and decoder layer (with a past longer than the sliding window would
     keep), the canvas embedding with self-conditioning, and the head. One component's weights are in memory at a
@@ -278,7 +288,8 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
                                   for dtype in (torch.float32, torch.float64))
         for backend in backends:
             names = list(expected32)
-            outputs = run_component(model, backend, {**feeds, **tensors.arrays}, names, Path(folder))
+            outputs = run_component(model, backend, {**feeds, **tensors.arrays}, names, Path(folder),
+                                    constant_weights=backend == "openvino" and moe == "tiled")
             rows.extend(step_rows(backend, name, expected64, expected32, dict(zip(names, outputs)),
                                   feeds.get("temperature"), feeds.get("sample_uniform"), atol))
         if progress is not None:
@@ -301,7 +312,7 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
         past_key, past_value = (rng.standard_normal((batch, layout["kv_heads"], past, layout["head_dim"]))
                                 .astype(np.float32) for _ in range(2))
         for side in ("encoder", "decoder"):
-            g = builder.Graph(f"{side}.layers.{i}", weights)
+            g = builder.Graph(f"{side}.layers.{i}", weights, target, moe)
             x, pos, pk, pv = (g.add_input(e) for e in layer_io(text, layout))
             rope = builder.rotary_emb(g, pos, shape.inv_freq[layer_type], layer_type)
             mask = None
@@ -321,7 +332,7 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
     canvas = config.canvas_length
     canvas_ids = rng.integers(0, text.vocab_size, (batch, canvas))
     soft = rng.standard_normal((batch, canvas, text.hidden_size)).astype(np.float32)
-    g = builder.Graph("canvas_embedding", weights)
+    g = builder.Graph("canvas_embedding", weights, target, moe)
     ids = g.add_input({"name": "canvas_ids", "dtype": "int64", "shape": ["batch", canvas]})
     soft_in = g.add_input({"name": "soft_embedding", "dtype": "float32", "shape": ["batch", canvas, text.hidden_size]})
     g.add_output(builder.canvas_embedding(g, builder.embed_tokens(g, ids, shape), soft_in, shape),
@@ -334,7 +345,7 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
     rows_checked = min(canvas, 16)
     hidden = rng.standard_normal((1, rows_checked, text.hidden_size)).astype(np.float32)
     temperature, uniform = np.array(0.7, dtype=np.float32), rng.random((1, rows_checked), dtype=np.float32)
-    g = builder.Graph("head", weights)
+    g = builder.Graph("head", weights, target, moe)
     x = g.add_input({"name": "hidden_states", "dtype": "float32", "shape": ["batch", "rows", text.hidden_size]})
     t = g.add_input({"name": "temperature", "dtype": "float32", "shape": []})
     u = g.add_input({"name": "sample_uniform", "dtype": "float32", "shape": ["batch", "rows"]})
@@ -365,11 +376,16 @@ def output_io(text, layout) -> list[dict]:
             {"name": "key", "dtype": "float32", "shape": kv}, {"name": "value", "dtype": "float32", "shape": kv}]
 
 
-def run_component(model: onnx.ModelProto, backend: str, feeds: dict, outputs: list[str], scratch: Path):
-    """Run a component graph with its weights as inputs (the arrays in `feeds` are used in place)."""
+def run_component(model: onnx.ModelProto, backend: str, feeds: dict, outputs: list[str], scratch: Path,
+                  constant_weights: bool = False):
+    """Run a component graph with its weights as inputs (the arrays in `feeds` are used in place), or, with
+    `constant_weights` (`scratch` is then the artifact folder), as the weights file's bytes it points at: OpenVINO
+    compiles a tiled MoE block only over constant weights."""
     from .weights import weights_as_inputs
 
-    twin, _ = weights_as_inputs(model)
+    twin = model if constant_weights else weights_as_inputs(model)[0]
+    if constant_weights:
+        feeds = {name: value for name, value in feeds.items() if name in {i.name for i in model.graph.input}}
     path = scratch / f".validate-{model.graph.name}.onnx"
     onnx.save(twin, str(path))
     try:

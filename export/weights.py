@@ -20,6 +20,8 @@ STORED = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorPr
 ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
               np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8}
 NUMPY_TYPES = {onnx_type: np_type for np_type, onnx_type in ONNX_TYPES.items()}
+# Layouts of one half of a stacked [..., 2 x out, in] tensor (the experts' gate_up_proj), stored on their own.
+HALVES = {"gate": 0, "up": 1}
 # Tensors transformers ties to others; a checkpoint stores one name of each pair.
 ALIASES = (("model.encoder.language_model.", "model.decoder."),)
 
@@ -83,14 +85,14 @@ class Weights:
         not the tensor; only a 2-D matrix that must be transposed is read whole. Quantization scales and zero
         points are gathered as the chunks go and appended after the values."""
         stored = self.resolve(source)
-        shape = self.checkpoint.shape(stored)
+        shape = layout_shape(layout, self.checkpoint.shape(stored))
         scheme = self.schemes[source] = self.scheme(source)
         name = source if layout == "as_is" else f"{source}.{layout}"
         transpose = transposed(layout, scheme)
         values = self._start()
         extra: dict[str, list] = {}
         for start, stop in row_chunks(shape, whole=transpose and len(shape) == 2):
-            chunk = self.checkpoint.read(stored, start, stop)
+            chunk = layout_rows(layout, self.checkpoint.read(stored, start, stop))
             data, side = encode(chunk, scheme)
             read_bytes = chunk.size * 4
             del chunk
@@ -121,6 +123,18 @@ class Weights:
 
     def stored_bytes(self) -> int:
         return sum(loc.length for parts in self.locations.values() for loc in parts.values())
+
+
+def layout_rows(layout: str, array: np.ndarray) -> np.ndarray:
+    """The part of a checkpoint tensor's rows a layout stores: one half of a stacked tensor, or all of it."""
+    if layout not in HALVES:
+        return array
+    half = array.shape[-2] // 2
+    return array[..., HALVES[layout] * half: (HALVES[layout] + 1) * half, :]
+
+
+def layout_shape(layout: str, shape: tuple) -> tuple:
+    return (*shape[:-2], shape[-2] // 2, shape[-1]) if layout in HALVES else tuple(shape)
 
 
 def transposed(layout: str, scheme: Scheme) -> bool:

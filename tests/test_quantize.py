@@ -266,3 +266,40 @@ def test_quantized_artifacts_run_in_bf16_on_openvino(tmp_path, recipe):
                     if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
                     and "router" not in op.get_friendly_name()}  # the router stays fp32 by design
     assert weight_types <= {"<Type: 'int8_t'>", "<Type: 'uint4_t'>"}, weight_types
+
+
+def test_the_igpu_recipe_writes_the_moe_openvino_fuses(tmp_path, demo_fp32):
+    """igpu-int4: the experts as OpenVINO's tiled MoE block, which its CPU plugin compiles into 3 GatherMatmuls a
+    layer (no per-expert FullyConnected), int4 weights kept compressed; measured against the fp32 graphs like any
+    quantized export."""
+    import collections
+
+    artifact = export(output=tmp_path / "igpu.dg", recipe="igpu-int4")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert list(manifest["formats"]) == ["openvino"] and not (artifact / "model.onnx").exists()
+    (row,) = read_report(artifact)["backends"]
+    assert row["step_argmax_agreement"] >= 0.95 and row["demo_exact_match"] >= row["fp32_demo_exact_match"] - 0.01
+    assert (artifact / "weights.bin").stat().st_size <= 0.25 * (demo_fp32 / "weights.bin").stat().st_size
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(artifact / "model.xml"), str(artifact / "weights.bin")),
+                                  "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    ops = compiled.get_runtime_model().get_ordered_ops()
+    kinds = collections.Counter(op.get_rt_info()["layerType"].astype(str) for op in ops)
+    layers = len(manifest["model"]["layer_types"])
+    assert kinds["GatherMatmul"] == 3 * layers, kinds
+    assert not [op for op in ops if "experts" in op.get_friendly_name()
+                and op.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
+    assert {str(op.input(1).get_element_type()) for op in ops
+            if op.get_rt_info()["layerType"].astype(str) == "GatherMatmul"} == {"<Type: 'uint4_t'>"}
+
+
+@pytest.mark.parametrize("mode", ["full", "by-layer"])
+def test_a_float_tiled_moe_matches_transformers(tmp_path, mode):
+    """The tiled MoE block in float, validated against transformers like any fp32 export (full: the artifact's
+    OpenVINO graph; by layer: every stored byte)."""
+    recipe = tmp_path / "tiled.json"
+    recipe.write_text(json.dumps({"description": "", "formats": ["openvino"], "weights": "fp32",
+                                  "openvino": {"inference_precision": "f32", "moe": "tiled"}}))
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", "gqa-window12")
+    artifact = export(checkpoint, tmp_path / "tiled.dg", recipe=str(recipe), validation=mode)
+    assert all(r["ok"] for r in json.loads((artifact / "manifest.json").read_text())["validation"]["results"])
