@@ -47,7 +47,8 @@ settings = Settings(max_new_tokens=model.canvas_length, max_denoising_steps=WARM
 marks = [time.perf_counter() for event in model.stream([[5]], settings=settings, seed=0, cache=cache)
          if type(event).__name__ == "Draft"]
 walls = [b - a for a, b in zip(marks, marks[1:])][-steps:]
-print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "step_s": statistics.median(walls)}))
+peak = int([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]) * 1024
+print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "step_s": statistics.median(walls), "peak_gb": peak / 1e9}))
 """.replace("PROMPT_TOKENS", str(PROMPT_TOKENS)).replace("WARMUP", str(WARMUP))
 
 
