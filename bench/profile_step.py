@@ -40,7 +40,7 @@ COMPONENTS = ["experts (matmuls)", "experts (sort, split, GeGLU, scatter)", "rou
 def component(name: str, op: str) -> str:
     """The component a node belongs to, from the builder's scope in its name (ONNX node name or OpenVINO's
     friendly name) and its kind."""
-    matmul = op in MATMULS or "FullyConnected" in op or "MatMul" in op
+    matmul = op in MATMULS or "FullyConnected" in op or "matmul" in op.lower()
     scope = name.split("/")
     if scope[0] == "head":  # ONNX Runtime's large head: a Loop whose body nodes carry head/<module>/...
         scope = scope[1:] if len(scope) > 2 else ["layers.final", "norm"]
