@@ -177,7 +177,7 @@ def main(argv=None) -> None:
         recipe, backend, precision = key
         fp32_step = step_ms[("cpu-fp32", backend, None if backend == "onnxruntime" else "f32")]
         seconds, n_steps, agree = results[key]
-        weights = (artifacts[recipe] / "weights.bin").stat().st_size
+        weights = (artifacts[recipe] / "model.bin").stat().st_size
         predicted = PEAK_OVER_WEIGHTS[backend, recipe != "cpu-fp32"] * weights + WORKING_BYTES
         load_ms, rss = fresh_process(artifacts[recipe], backend, precision, args.threads)
         print(f"| {recipe} on {backend}{' ' + precision if precision else ''} | {weights / 1e6:.0f} | "

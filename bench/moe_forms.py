@@ -51,7 +51,7 @@ def main(argv=None) -> None:
             if done.returncode != 0:
                 raise SystemExit(f"{form} failed:\n{done.stderr[-3000:]}")
             rows[form, start] = json.loads(done.stdout.strip().splitlines()[-1])
-            rows[form, start]["weights_gb"] = (artifact / "weights.bin").stat().st_size / 1e9
+            rows[form, start]["weights_gb"] = (artifact / "model.bin").stat().st_size / 1e9
     print(f"\nreal-depth stand-in ({args.layers} layers, 128 experts top-8, hidden 256, expert width 64, vocabulary "
           "262,144), OpenVINO CPU f32, 1,000-token prompt\n")
     print("| MoE form (recipe) | start | weights GB | load (compile) s | prefill s | step s | peak RSS GB |")

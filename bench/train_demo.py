@@ -15,6 +15,7 @@ transitions and EOS-then-pad are learned; for `tiny` a third of the prompts are 
 """
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -85,10 +86,11 @@ def add_noise(targets: torch.Tensor, vocab: int, generator: torch.Generator) -> 
     return torch.where(replace, torch.randint(0, vocab, targets.shape, generator=generator), targets)
 
 
-def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float) -> None:
+def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, save_every: int) -> None:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     canvas, overrides = MODELS[name][:2]
+    dtype = torch.float32 if name == "tiny" else torch.bfloat16
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -109,6 +111,16 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float) ->
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s / steps, 1)))))
     started, running = time.perf_counter(), None
+
+    def save(done: int) -> None:
+        # canvas256 ships in bf16 to stay small in git; tiny's 1.5 M parameters stay float32
+        copy.deepcopy(model).eval().to(dtype).save_pretrained(staging, safe_serialization=True)
+        (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+        (staging / "training.json").write_text(json.dumps(
+            {"model": name, "steps": done, "of": steps, "seed": seed, "batch": batch, "lr": lr,
+             "canvas_length": canvas, "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
+             "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
+
     for step in range(steps):
         inputs, targets = make_batch(rows(rng, codec, batch, excluded), rng, canvas)
         noisy = add_noise(targets, vocab, generator)
@@ -128,13 +140,10 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float) ->
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d}/{steps}  loss {running:.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1)  # a snapshot in the staging folder, so an interrupted run still leaves a model to try
 
-    model.eval().save_pretrained(staging, safe_serialization=True)
-    (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-    (staging / "training.json").write_text(json.dumps(
-        {"model": name, "steps": steps, "seed": seed, "batch": batch, "lr": lr, "canvas_length": canvas,
-         "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
-         "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
+    save(steps)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
 
@@ -147,11 +156,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=500, help="steps between snapshots in OUT.partial")
     args = parser.parse_args(argv)
     steps, batch, lr = MODELS[args.model][2:]
     out = args.out or (DEMO_CHECKPOINT if args.model == "tiny" else DEMO_CHECKPOINT.parent / args.model)
     torch.set_num_threads(2)
-    train(args.model, out, args.steps or steps, args.seed, args.batch or batch, args.lr or lr)
+    train(args.model, out, args.steps or steps, args.seed, args.batch or batch, args.lr or lr, args.save_every)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def read_header(shard: Path) -> dict:
 
 
 # --- an fp32 or fp16 artifact read back as a checkpoint, so that it can be quantized without the original weights.
-# The artifact's ONNX graphs say where each checkpoint tensor lies in weights.bin and in which layout (`NAME` as
+# The artifact's ONNX graphs say where each checkpoint tensor lies in model.bin and in which layout (`NAME` as
 # the checkpoint stores it, `NAME.linear` with its last two axes swapped); reads return the checkpoint's layout in
 # float32, a range of rows at a time, as Checkpoint does.
 

@@ -21,7 +21,8 @@ OV_TYPES = {onnx.TensorProto.FLOAT: ov.Type.f32, onnx.TensorProto.FLOAT16: ov.Ty
 
 
 def convert(model: onnx.ModelProto, xml_path: Path, weights_path: Path) -> None:
-    """Write `xml_path` (+ a temporary .bin) whose checkpoint Constants point into `weights_path`."""
+    """Write `xml_path` whose checkpoint Constants point into `weights_path` (the IR's name-mate, model.bin, so that
+    OpenVINO's tools find it); OpenVINO first saves the IR with its own .bin under a scratch name."""
     twin, external = weights_as_inputs(model)
     twin_path = xml_path.with_suffix(".twin.onnx")
     onnx.save(twin, str(twin_path))
@@ -43,15 +44,16 @@ def convert(model: onnx.ModelProto, xml_path: Path, weights_path: Path) -> None:
         parameter.output(0).replace(constant.output(0))
         ov_model.remove_parameter(parameter)
     ov_model.validate_nodes_and_infer_types()
-    ov.save_model(ov_model, str(xml_path), compress_to_fp16=False)
-    point_at_weights(xml_path, external, weights_path)
+    saved = xml_path.with_name(f".{xml_path.stem}.saved.xml")
+    ov.save_model(ov_model, str(saved), compress_to_fp16=False)
+    point_at_weights(saved, external, weights_path, xml_path)
 
 
-def point_at_weights(xml_path: Path, external: dict, weights_path: Path) -> None:
-    """Rewrite the IR's Const offsets: checkpoint tensors to their place in the weights file, the graph's own
-    constants to copies appended there; the IR's own .bin is then deleted."""
-    own_bin = xml_path.with_suffix(".bin")
-    tree = ET.parse(xml_path)
+def point_at_weights(saved: Path, external: dict, weights_path: Path, xml_path: Path) -> None:
+    """Write `xml_path`: the `saved` IR with its Const offsets rewritten, checkpoint tensors to their place in the
+    weights file, the graph's own constants to copies appended there; the saved IR and its .bin are then deleted."""
+    own_bin = saved.with_suffix(".bin")
+    tree = ET.parse(saved)
     appended: dict[tuple[int, int], int] = {}
     with open(own_bin, "rb") as source, open(weights_path, "ab") as weights:
         for layer in tree.getroot().iter("layer"):
@@ -73,3 +75,4 @@ def point_at_weights(xml_path: Path, external: dict, weights_path: Path) -> None
             data.set("offset", str(appended[span]))
     tree.write(xml_path, encoding="utf-8", xml_declaration=True)
     own_bin.unlink()
+    saved.unlink()

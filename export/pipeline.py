@@ -1,6 +1,6 @@
 """`export()`: a checkpoint (or an fp32/fp16 artifact) in, a validated, self-describing artifact folder out.
 
-    read the source -> build the graph, streaming each weight into weights.bin at its recipe's precision
+    read the source -> build the graph, streaming each weight into model.bin at its recipe's precision
     -> OpenVINO IR over the same bytes -> tokenizer and configs -> validate (transformers in float64, or the
     quantized weights and their quality against fp32 graphs) -> manifest with checksums -> rename into place
 

@@ -15,7 +15,7 @@ from dg_quantize.schemes import Scheme, dequantize_int4, dequantize_int8, int4_g
 from .checkpoint import row_chunks
 
 ALIGNMENT = 64  # bytes; lets a runtime map tensors straight from the file
-WEIGHTS_FILE = "weights.bin"
+WEIGHTS_FILE = "model.bin"  # beside model.xml under its name, so OpenVINO's own tools read the IR unchanged
 STORED = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
               np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8}

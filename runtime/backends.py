@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactError, BackendUnavailable, NotEnoughMemory, UserError
+from .errors import ArtifactError, BackendUnavailable, NotEnoughMemory, SettingError, UserError
 
 BACKENDS = ("onnxruntime", "openvino")
 
@@ -34,21 +34,47 @@ class OnnxRuntimeGraph:
         return self.session.run(outputs, feeds)
 
 
+# OpenVINO's devices that dispatch to others ("AUTO", "AUTO:GPU,CPU", "HETERO:NPU,CPU"): options go to those others
+VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def openvino_config(core, device: str, precision: str | None, artifact_precision: str, threads: int | None) -> dict:
+    """The compile options for `device`, which must be present. Each option goes to the devices that take it (through
+    AUTO and the like to the devices they dispatch to); one the user set that no such device takes is refused rather
+    than dropped (OpenVINO's GPU and NPU plugins have no thread count, NPU no precision hint). The artifact's own
+    precision applies wherever a device takes one: CPUs with AMX otherwise compute in bf16."""
+    available = core.available_devices  # "GPU" alone, or "GPU.0", "GPU.1" when there are several
+    kind, _, listed = device.upper().partition(":")
+    virtual = kind in VIRTUAL_DEVICES
+    targets = ([d for d in listed.split(",") if d] or available) if virtual else [kind]
+    missing = [d for d in targets if d not in available and not any(a.split(".")[0] == d for a in available)]
+    if missing:
+        raise BackendUnavailable(f"OpenVINO device {', '.join(missing)} is not available here; OpenVINO sees: "
+                                 f"{', '.join(available)} (or AUTO): choose one with {{device}}", "openvino", device)
+    per_device = {target: {} for target in targets}
+    for field, key, value, asked in (("precision", "INFERENCE_PRECISION_HINT", precision or artifact_precision,
+                                      precision is not None), ("threads", "INFERENCE_NUM_THREADS", threads, threads)):
+        taking = [t for t in targets if key in core.get_property(t, "SUPPORTED_PROPERTIES")]
+        if asked and not taking:
+            raise SettingError(f"{{{field}}} is not an option of OpenVINO's {device} device: leave {{{field}}} out, "
+                               "or choose {device} CPU", field, "device", value=value)
+        for target in taking if value else ():
+            per_device[target][key] = value
+    if not virtual:
+        return per_device[kind]
+    return {"DEVICE_PROPERTIES": {target: options for target, options in per_device.items() if options}}
+
+
 class OpenVinoGraph:
-    def __init__(self, xml: Path, weights: Path | None, device: str, precision: str, threads: int | None):
+    def __init__(self, xml: Path, weights: Path | None, device: str, precision: str | None, artifact_precision: str,
+                 threads: int | None):
         try:
             import openvino as ov
         except ImportError:
             raise BackendUnavailable("backend openvino is not installed: pip install 'dg-edge[openvino]'",
                                      "openvino") from None
         core = ov.Core()
-        available = core.available_devices
-        if device != "AUTO" and device.split(".")[0] not in available:
-            raise BackendUnavailable(f"OpenVINO device {device} is not available here; available: "
-                                     f"{', '.join(available)} or AUTO", "openvino", device)
-        config = {"INFERENCE_PRECISION_HINT": precision} if device.startswith("CPU") else {}
-        if threads and device.startswith("CPU"):
-            config["INFERENCE_NUM_THREADS"] = threads
+        config = openvino_config(core, device, precision, artifact_precision, threads)
         model = core.read_model(str(xml), str(weights)) if weights else core.read_model(str(xml))
         self.compiled = core.compile_model(model, device, config)
         self._requests = threading.local()  # an infer request runs one inference at a time: one per thread
@@ -223,8 +249,8 @@ def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", 
                                      "{backend} openvino", "onnxruntime", device)
         session = OnnxRuntimeGraph(folder / entry["graphs"][graph], threads)
     else:
-        precision = precision or manifest["openvino"]["inference_precision"]
-        session = OpenVinoGraph(folder / entry["graphs"][graph], folder / entry["weights"], device, precision, threads)
+        session = OpenVinoGraph(folder / entry["graphs"][graph], folder / entry["weights"], device, precision,
+                                manifest["openvino"]["inference_precision"], threads)
     expected = [i["name"] for i in manifest["graphs"][graph]["inputs"]]
     if sorted(session.input_names) != sorted(expected):
         raise ArtifactError(f"{fmt} graph {graph} has inputs {session.input_names}, the manifest lists {expected}: "

@@ -17,8 +17,8 @@ from .generate import DiffusionGemma, Draft, TextDelta, check_runtime_options
 FLAGS = {"max_new_tokens": "-n/--max-new-tokens", "max_denoising_steps": "--steps", "entropy_bound": "--entropy-bound",
          "t_max": "--t-max", "t_min": "--t-min", "stability_threshold": "--stability-threshold",
          "confidence_threshold": "--confidence-threshold", "threads": "-t/--threads", "seed": "-s/--seed",
-         "precision": "--precision", "backend": "--backend", "raw": "--raw", "system": "--system", "fast": "--fast",
-         "freeze_after": "--freeze-after", "refresh_every": "--refresh-every"}
+         "precision": "--precision", "backend": "--backend", "device": "--device", "raw": "--raw",
+         "system": "--system", "fast": "--fast", "freeze_after": "--freeze-after", "refresh_every": "--refresh-every"}
 
 
 def parse_args(argv):

@@ -63,7 +63,7 @@ class BackendUnavailable(UserError):
     """The backend or device asked for is not installed or not present (`backend`, `device`)."""
 
     def __init__(self, message: str, backend: str, device: str | None = None):
-        super().__init__(message, "backend")
+        super().__init__(message, "device" if "{device}" in message else "backend", "backend")
         self.backend, self.device = backend, device
 
 

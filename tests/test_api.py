@@ -90,7 +90,7 @@ def test_side_effects_are_opt_in(demo_artifact, tmp_path, monkeypatch):
 
     corrupted = tmp_path / "corrupted.dg"
     shutil.copytree(demo_artifact, corrupted)
-    with open(corrupted / "weights.bin", "r+b") as weights:  # same size, other bytes
+    with open(corrupted / "model.bin", "r+b") as weights:  # same size, other bytes
         weights.seek(100)
         weights.write(b"\x7f\x7f\x7f\x7f")
     dg_runtime.load(corrupted)  # sizes are checked; the sha256 only when asked

@@ -9,6 +9,7 @@ import pytest
 from conftest import make_checkpoint
 from dg_export import cli as export_cli
 from dg_export.pipeline import OWNER_FILE
+import dg_runtime.cli
 from dg_runtime.cli import main as dg_run
 
 
@@ -125,7 +126,7 @@ def test_broken_artifact(artifact_copy, capsys, damage, expected):
 
 
 def test_corrupted_weights(artifact_copy, capsys):
-    weights = artifact_copy / "weights.bin"
+    weights = artifact_copy / "model.bin"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -137,12 +138,38 @@ def test_corrupted_weights(artifact_copy, capsys):
     (["--max-new-tokens", "0"], "-n/--max-new-tokens must be at least 1"),
     (["--max-new-tokens", "100000"], "positions"),
     (["--backend", "tensorrt"], "--backend must be one of onnxruntime, openvino (got 'tensorrt')"),
-    (["--backend", "openvino", "--device", "NPU"], "not available"),
+    (["--backend", "openvino", "--device", "NPU"], "OpenVINO device NPU is not available here; OpenVINO sees: CPU"),
+    (["--backend", "openvino", "--device", "AUTO:GPU,CPU"], "OpenVINO device GPU is not available here"),
 ])
 def test_bad_run_options(exported, capsys, args, expected):
     _, artifact = exported("window8-top2")
     assert dg_run([str(artifact), "hello", *args]) == 2
     assert expected in one_error_line(capsys, "dg-run")
+
+
+class GpuOnlyCore:
+    """What OpenVINO's Core answers on a machine with one iGPU (whose plugin has a precision hint, no thread count)."""
+    available_devices = ["CPU", "GPU"]
+
+    @staticmethod
+    def get_property(device, name):
+        assert name == "SUPPORTED_PROPERTIES"
+        return ["INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT"] + (["INFERENCE_NUM_THREADS"] if device == "CPU" else [])
+
+
+def test_device_options_go_where_they_are_taken_and_are_refused_where_not():
+    from dg_runtime.backends import openvino_config
+    from dg_runtime.errors import SettingError
+
+    assert openvino_config(GpuOnlyCore, "GPU", None, "f32", None) == {"INFERENCE_PRECISION_HINT": "f32"}
+    with pytest.raises(SettingError, match="threads is not an option of OpenVINO's GPU device") as refused:
+        openvino_config(GpuOnlyCore, "GPU", None, "f32", 2)
+    assert refused.value.worded(dg_runtime.cli.FLAGS).endswith("leave -t/--threads out, or choose --device CPU")
+    assert openvino_config(GpuOnlyCore, "AUTO", None, "f32", 2) == {"DEVICE_PROPERTIES": {
+        "CPU": {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2},
+        "GPU": {"INFERENCE_PRECISION_HINT": "f32"}}}
+    with pytest.raises(SettingError, match="threads is not an option of OpenVINO's AUTO:GPU device"):
+        openvino_config(GpuOnlyCore, "AUTO:GPU", None, "f32", 2)
 
 
 def test_artifact_too_large_for_memory_is_refused_before_loading(exported, capsys, monkeypatch):
@@ -242,7 +269,7 @@ def test_stale_staging_of_a_killed_export_is_removed(tmp_path, capsys, checkpoin
     stale = tmp_path / ".out.partial-killed"
     stale.mkdir()
     (stale / OWNER_FILE).write_text(dead.stdout.strip())
-    (stale / "weights.bin").write_bytes(b"\0" * 1024)
+    (stale / "model.bin").write_bytes(b"\0" * 1024)
     assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "out"), "--no-validate"]) == 0
     assert "removed .out.partial-killed" in capsys.readouterr().err
     assert leftovers(tmp_path) == []

@@ -1,5 +1,9 @@
 """The built graphs against transformers, on ONNX Runtime and OpenVINO (fp32, atol 1e-4)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -8,6 +12,8 @@ from conftest import CONFIGS
 from dg_export import export
 from dg_export.validate import validate
 from dg_runtime.artifact import load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ATOL = 1e-4
 
@@ -32,17 +38,29 @@ def test_artifact_is_self_describing_and_stores_weights_once(exported, hf_model)
     assert set(manifest["graphs"]) == {"model"}  # the encoder and the denoiser share one graph and its weights
     params = sum(p.numel() for n, p in hf_model(checkpoint).named_parameters() if "vision" not in n)
     # one weights file for both modes and both formats, about 1x the fp32 parameter bytes
-    assert manifest["formats"]["onnx"]["weights"] == manifest["formats"]["openvino"]["weights"] == "weights.bin"
-    weights = (artifact / "weights.bin").stat().st_size
+    assert manifest["formats"]["onnx"]["weights"] == manifest["formats"]["openvino"]["weights"] == "model.bin"
+    weights = (artifact / "model.bin").stat().st_size
     assert 4 * params <= weights <= 1.05 * 4 * params, (weights, 4 * params)
     for graph in manifest["formats"]["onnx"]["graphs"].values():  # no second copy of a weight inside a graph
         model = onnx.load(str(artifact / graph), load_external_data=False)
         inline = [t.name for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
                   and len(t.raw_data) >= 1024]
         assert not inline, inline
-    graph_files = {"model.onnx", "model.xml", "weights.bin"}
+    graph_files = {"model.onnx", "model.xml", "model.bin"}
     assert graph_files <= {p.name for p in artifact.iterdir()}
     assert all(np.isfinite(r["diff"]) and r["ok"] for r in manifest["validation"]["results"])
+
+
+def test_openvino_tools_open_the_ir_without_a_weights_path(demo_artifact):
+    """model.bin sits beside model.xml under its name: read_model and benchmark_app take the IR as it is."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(demo_artifact / "model.xml"))
+    assert {i.get_any_name() for i in model.inputs} >= {"input_ids", "soft_embedding", "past.0.key"}
+    line = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark_app.py"), str(demo_artifact), "--past", "40",
+                           "--run"], capture_output=True, text=True, timeout=300)
+    assert line.returncode == 0, line.stdout[-2000:] + line.stderr[-2000:]
+    assert "Median:" in line.stdout, line.stdout[-2000:]
 
 
 def test_head_in_chunks_matches_transformers(tmp_path, hf_model, monkeypatch):

@@ -50,7 +50,7 @@ def test_peak_rss_is_what_the_memory_check_predicts(expert_pairs, backend, recip
     artifact (PEAK_OVER_WEIGHTS x weights + WORKING_BYTES), for a small and a 3-4x larger one of the same shape,
     and the larger one's extra weights are really held (at least half a byte of RSS per byte)."""
     small, large = expert_pairs[recipe, 8], expert_pairs[recipe, 56]
-    weights = [(a / "weights.bin").stat().st_size for a in (small, large)]
+    weights = [(a / "model.bin").stat().st_size for a in (small, large)]
     peaks = [peak_bytes(a, backend) for a in (small, large)]
     factor = PEAK_OVER_WEIGHTS[backend, recipe != "cpu-fp32"]
     per_byte = (peaks[1] - peaks[0]) / (weights[1] - weights[0])

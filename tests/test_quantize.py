@@ -81,7 +81,7 @@ def test_quantized_export_reports_its_quality(tmp_path, demo_fp32, options, min_
     artifact = tmp_path / "q.dg"
     export(output=artifact, **options)
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert (artifact / "weights.bin").stat().st_size <= max_ratio * (demo_fp32 / "weights.bin").stat().st_size
+    assert (artifact / "model.bin").stat().st_size <= max_ratio * (demo_fp32 / "model.bin").stat().st_size
 
     # Every matrix's precision is recorded; vectors stay fp32, the router is never quantized.
     tensors = manifest["weights"]["tensors"]
@@ -117,7 +117,7 @@ def test_quantized_graphs_keep_weights_narrow(tmp_path, checkpoint):
     assert TensorProto.FLOAT16 in stored and TensorProto.INT8 in stored and TensorProto.UINT8 in stored
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(artifact / "model.xml"), str(artifact / "weights.bin")),
+    compiled = core.compile_model(core.read_model(str(artifact / "model.xml")),
                                   "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     weight_types = {str(op.input(1).get_element_type()) for op in compiled.get_runtime_model().get_ordered_ops()
                     if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
@@ -171,7 +171,7 @@ def test_quantizing_an_artifact_equals_quantizing_the_checkpoint(tmp_path, demo_
 
     assert dg_quantize([str(demo_fp32), "-o", str(tmp_path / "a.dg"), "--recipe", "cpu-int4-mixed", "--no-validate"]) == 0
     export(output=tmp_path / "b.dg", recipe="cpu-int4-mixed", validation=None)
-    assert (tmp_path / "a.dg" / "weights.bin").read_bytes() == (tmp_path / "b.dg" / "weights.bin").read_bytes()
+    assert (tmp_path / "a.dg" / "model.bin").read_bytes() == (tmp_path / "b.dg" / "model.bin").read_bytes()
     capsys.readouterr()
     assert dg_quantize(["--report", str(tmp_path / "a.dg")]) == 2  # exported without validation: no report
     assert "no quality.json" in capsys.readouterr().err
@@ -260,7 +260,7 @@ def test_quantized_artifacts_run_in_bf16_on_openvino(tmp_path, recipe):
                              "openvino", "--precision", "bf16"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("hello alice"), (result.returncode, result.stderr)
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(artifact / "model.xml"), str(artifact / "weights.bin")),
+    compiled = core.compile_model(core.read_model(str(artifact / "model.xml")),
                                   "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     weight_types = {str(op.input(1).get_element_type()) for op in compiled.get_runtime_model().get_ordered_ops()
                     if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
@@ -279,9 +279,9 @@ def test_the_igpu_recipe_writes_the_moe_openvino_fuses(tmp_path, demo_fp32):
     assert list(manifest["formats"]) == ["openvino"] and not (artifact / "model.onnx").exists()
     (row,) = read_report(artifact)["backends"]
     assert row["step_argmax_agreement"] >= 0.95 and row["demo_exact_match"] >= row["fp32_demo_exact_match"] - 0.01
-    assert (artifact / "weights.bin").stat().st_size <= 0.25 * (demo_fp32 / "weights.bin").stat().st_size
+    assert (artifact / "model.bin").stat().st_size <= 0.25 * (demo_fp32 / "model.bin").stat().st_size
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(artifact / "model.xml"), str(artifact / "weights.bin")),
+    compiled = core.compile_model(core.read_model(str(artifact / "model.xml")),
                                   "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     ops = compiled.get_runtime_model().get_ordered_ops()
     kinds = collections.Counter(op.get_rt_info()["layerType"].astype(str) for op in ops)

@@ -45,9 +45,9 @@ def test_sharded_bf16_checkpoint_streams_and_validates(sharded, tmp_path, monkey
     index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
     streamed = reads[:len(index)]
     assert sorted(streamed) == sorted(index)
-    # the bf16 weights were widened exactly: weights.bin holds them as fp32
+    # the bf16 weights were widened exactly: model.bin holds them as fp32
     params = sum(int(np.prod(Checkpoint(sharded).shape(n))) for n in index)
-    assert (out / "weights.bin").stat().st_size >= 4 * params
+    assert (out / "model.bin").stat().st_size >= 4 * params
     done = DiffusionGemma(out).generate([[5, 6, 7]], settings=Settings(max_new_tokens=8, max_denoising_steps=4), seed=0)
     assert done.tokens.shape == (1, 8)
 
@@ -112,7 +112,7 @@ def test_fp16_weights_recipe(sharded, tmp_path, mode):
     export(sharded, fp16, recipe="openvino-fp16", validation=mode)
     manifest = load_manifest(fp16)
     assert manifest["precision"] == "fp16" and all(r["ok"] for r in manifest["validation"]["results"])
-    ratio = (fp16 / "weights.bin").stat().st_size / (fp32 / "weights.bin").stat().st_size
+    ratio = (fp16 / "model.bin").stat().st_size / (fp32 / "model.bin").stat().st_size
     assert 0.5 <= ratio < 0.55, ratio
     for backend in ("onnxruntime", "openvino"):
         done = DiffusionGemma(fp16, backend=backend).generate([[5, 6, 7]], settings=Settings(max_new_tokens=8), seed=0)
@@ -133,5 +133,5 @@ def test_synthetic_source_streams_what_a_written_checkpoint_holds(tmp_path):
     written = write_checkpoint(tmp_path / "written", config, shard_bytes=16 << 10,
                                embedding_std=5 / config.text_config.hidden_size ** 0.5)
     export(written, tmp_path / "written.dg", formats=["onnx"], validation=None)
-    onnx_only = (tmp_path / "written.dg" / "weights.bin").read_bytes()
-    assert (tmp_path / "synthetic.dg" / "weights.bin").read_bytes()[:len(onnx_only)] == onnx_only
+    onnx_only = (tmp_path / "written.dg" / "model.bin").read_bytes()
+    assert (tmp_path / "synthetic.dg" / "model.bin").read_bytes()[:len(onnx_only)] == onnx_only
