@@ -57,15 +57,26 @@ def quantized_matmul(g: "Graph", x: str, source: str, scheme, index: int | None,
         product = g.op("MatMulNBits", x if half_io else g.op("Cast", x, to=half), *inputs, domain=CONTRIB, K=columns,
                        N=out, bits=4, block_size=scheme.group, accuracy_level=4)
         return product if half_io else g.op("Cast", product, to=TensorProto.FLOAT)
-    side = (half, [out, blocks, 1])
-    parts = g.stored(source, index=index, weight=(TensorProto.UINT4, [out, blocks, scheme.group]), scale=side,
-                     **({"zero": side} if not scheme.sym else {}))
-    # OpenVINO matches NNCF's form: Convert(u4) -> Subtract(a u4 zero point) -> Multiply(scale); symmetric weights
-    # get a zero point of 8 of their own (one constant shared by thousands of weights makes its compile quadratic).
-    zero = parts["zero"] if "zero" in parts else g.op("Cast", g.uint4_eight(f"{source}[{index}]"), to=half)
-    values = g.op("Mul", g.op("Sub", g.op("Cast", parts["weight"], to=half), zero), parts["scale"])
-    weight = g.op("Cast", g.op("Reshape", values, g.const([out, columns])), to=TensorProto.FLOAT)
+    weight = int4_decompressed(g, source, "linear", scheme, [out, columns], f"{source}[{index}]", index=index)
     return g.op("MatMul", x, g.op("Transpose", weight, perm=[1, 0]))
+
+
+def int4_decompressed(g: "Graph", source: str, layout: str, scheme, dims: list[int], owner: str, **where) -> str:
+    """An int4 matrix (or stack of them) of `dims` [..., out, in] in NNCF's decompression form, which OpenVINO keeps
+    compressed: Convert(u4) -> Subtract(u4 zero point) -> Multiply(fp16 scale) -> Convert(f32). Groups are
+    [..., out, in / group, group] (reshaped back); per channel it is [..., out, in] with a scale a row, as NNCF
+    writes it for NPUs. Symmetric weights get a zero point of 8 of their own (one constant shared by thousands
+    of weights makes OpenVINO's compile quadratic)."""
+    half, lead = TensorProto.FLOAT16, dims[:-1]
+    grouped = [*lead, dims[-1] // scheme.group, scheme.group] if not scheme.channelwise else dims
+    side = (half, [*grouped[:-1], 1])
+    parts = g.stored(source, layout, weight=(TensorProto.UINT4, grouped), scale=side,
+                     **({"zero": side} if not scheme.sym else {}), **where)
+    zero = parts["zero"] if "zero" in parts else g.op("Cast", g.uint4_eight(owner, len(grouped)), to=half)
+    values = g.op("Mul", g.op("Sub", g.op("Cast", parts["weight"], to=half), zero), parts["scale"])
+    if not scheme.channelwise:
+        values = g.op("Reshape", values, g.const(dims))
+    return g.op("Cast", values, to=TensorProto.FLOAT)
 
 
 class Graph:
@@ -373,13 +384,8 @@ def expert_weights(g: Graph, source: str, layout: str, c: "ModelShape") -> str:
         parts = g.stored(source, layout, c.expert_rows, scale=(TensorProto.FLOAT, [experts, out, 1]))
         weight = g.op("Mul", g.op("Cast", parts["weight"], to=TensorProto.FLOAT), parts["scale"])
     else:
-        half, blocks = TensorProto.FLOAT16, columns // scheme.group
-        side = (half, [experts, out, blocks, 1])
-        parts = g.stored(source, layout, c.expert_rows, weight=(TensorProto.UINT4, [experts, out, blocks, scheme.group]),
-                         scale=side, **({"zero": side} if not scheme.sym else {}))
-        zero = parts["zero"] if "zero" in parts else g.op("Cast", g.uint4_eight(f"{source}.{layout}", 4), to=half)
-        values = g.op("Mul", g.op("Sub", g.op("Cast", parts["weight"], to=half), zero), parts["scale"])
-        weight = g.op("Cast", g.op("Reshape", values, g.const([experts, out, columns])), to=TensorProto.FLOAT)
+        weight = int4_decompressed(g, source, layout, scheme, [experts, out, columns], f"{source}.{layout}",
+                                   rows=c.expert_rows)
     return g.op("Transpose", weight, perm=[0, 2, 1])
 
 

@@ -20,7 +20,7 @@ from .recipes import DEFAULT_RECIPE
 FORMATS = {"onnx": ["onnx"], "openvino": ["openvino"], "both": ["onnx", "openvino"]}
 # export() argument -> the flag, to word the exporter's errors
 FLAGS = {"output": "-o/--output", "overwrite": "--overwrite", "validation": "--validation", "formats": "--format",
-         "weight_format": "--weight-format", "group_size": "--group-size", "recipe": "--recipe"}
+         "weight_format": "--weight-format", "group_size": "--group-size", "ratio": "--ratio", "recipe": "--recipe"}
 EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
 
 
@@ -51,7 +51,10 @@ def add_output_options(parser) -> None:
                        help="fp32/fp16 for every matrix; int8: int8 matrices (router fp32); int4: int4 attention, "
                             "MLPs and experts, int8 embedding/LM head, fp32 router")
     quant.add_argument("--group-size", type=int, help=f"int4 group size, a power of two >= 16 (default "
-                                                      f"{DEFAULT_GROUP}; narrowed per tensor to divide its width)")
+                                                      f"{DEFAULT_GROUP}; narrowed per tensor to divide its width), "
+                                                      "or -1 for one group a row (per channel; OpenVINO only)")
+    quant.add_argument("--ratio", type=float, help="share of the int4 weights stored int4 (default 1); the rest, "
+                                                   "the tensors int4 changes most, at int8")
     quant.add_argument("--sym", action="store_true", default=None,
                        help="symmetric int4 (no zero points; what NPUs ask for); default asymmetric")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -80,7 +83,8 @@ def export_from_args(args, model: str) -> None:
     from .pipeline import export
 
     export(model, args.output, recipe=args.recipe, formats=FORMATS[args.format] if args.format else None,
-           weight_format=args.weight_format, group_size=args.group_size, sym=args.sym, overwrite=args.overwrite,
+           weight_format=args.weight_format, group_size=args.group_size, sym=args.sym, ratio=args.ratio,
+           overwrite=args.overwrite,
            validation=None if args.no_validate else args.validation, atol=args.atol)
 
 

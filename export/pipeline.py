@@ -35,13 +35,14 @@ VALIDATIONS = ("auto", "full", "by-layer")
 
 def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, recipe: str = DEFAULT_RECIPE,
            formats: Sequence[str] | None = None, weight_format: str | None = None, group_size: int | None = None,
-           sym: bool | None = None, overwrite: bool = False, validation: str | None = "auto",
+           sym: bool | None = None, ratio: float | None = None, overwrite: bool = False, validation: str | None = "auto",
            atol: float = 1e-4) -> Path:
     """Export `model` (a checkpoint folder, a hub id, `builtin:tiny`, `synthetic:FOLDER`, or an fp32/fp16 artifact
     to quantize) to the artifact folder `output` (default ./<model name>.dg) and return its path.
 
     recipe: a preset from recipes/ or a .json path; formats ("onnx", "openvino"), weight_format (fp32, fp16, int8,
-    int4), group_size and sym override it. validation: "auto" (full where transformers' model fits in 4 GB, else
+    int4), group_size (-1: per channel, OpenVINO only), sym and ratio (the share of int4 weights kept int4, the rest
+    int8) override it. validation: "auto" (full where transformers' model fits in 4 GB, else
     by layer), "full", "by-layer", or None for none. atol: validation's floor (see dg_export.validate).
     The folder appears whole or not at all: the export writes a hidden staging folder beside it and renames it.
     Progress goes to stderr; UserError says what is wrong with the input."""
@@ -54,7 +55,10 @@ def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, 
     formats = list(formats or chosen["formats"])
     if not formats or not set(formats) <= {"onnx", "openvino"}:
         raise UserError(f"{{formats}} must be onnx, openvino or both (got {formats})", "formats")
-    precision = Precision(chosen["weights"], weight_format, group_size, sym, where="the weight format")
+    precision = Precision(chosen["weights"], weight_format, group_size, sym, ratio, where="the weight format")
+    if precision.group == -1 and "int4" in precision.formats.values() and "onnx" in formats:
+        raise UserError("per-channel int4 ({group_size} -1) is OpenVINO's: ONNX Runtime's MatMulNBits takes "
+                        "power-of-two groups; add {formats} openvino, or choose a group size", "group_size", "formats")
     output = Path(output) if output is not None else Path(f"{Path(model.replace(':', '-')).name}.dg")
     if output.exists() and not overwrite:
         raise UserError(f"output folder {output} exists; use {{overwrite}} to replace it, or choose another "
@@ -200,7 +204,7 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
     from .source import load_config
     from .weights import WEIGHTS_FILE, Weights, expected_shapes, progress_bar
 
-    progress = Progress(4 + ("openvino" in formats) + (validation is not None))
+    progress = Progress(4 + ("openvino" in formats) + (validation is not None) + (precision.ratio < 1))
     with progress.stage(f"reading {source.model}"):
         config = load_config(source.folder)
         checkpoint = source.checkpoint(config)
@@ -208,24 +212,27 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
     text = config.text_config
 
     params = sum(int(np.prod(checkpoint.shape(n))) for n in checkpoint.names() if n in shapes)
-    quantizing = f", quantizing to {precision.label()}" if precision.quantized else ""
-    with progress.stage(f"building graphs and streaming weights{quantizing}"):
-        bar = progress_bar(params * 4, "weights read")
-        weights = Weights(staging / WEIGHTS_FILE, checkpoint, precision, shapes, bar)
-        moe = recipe["openvino"].get("moe", "sorted")
-        try:
-            weights.check_shapes()
+    weights = Weights(staging / WEIGHTS_FILE, checkpoint, precision, shapes)
+    moe = recipe["openvino"].get("moe", "sorted")
+    try:
+        weights.check_shapes()
+        if precision.ratio < 1:
+            with progress.stage(f"ranking the int4 tensors by their int4 error for --ratio {precision.ratio:g}"):
+                choose_backup_tensors(weights, precision)
+        quantizing = f", quantizing to {precision.label()}" if precision.quantized else ""
+        with progress.stage(f"building graphs and streaming weights{quantizing}"):
+            weights.progress = progress_bar(params * 4, "weights read")
             graphs = build_graphs(config, weights) if "onnx" in formats else {}
             # Quantized weights are read by different kernels on OpenVINO (same bytes), and a tiled MoE block is
             # OpenVINO's alone: its own graphs then.
             if "openvino" in formats:
                 own = precision.quantized or moe == "tiled" or not graphs
                 openvino_sources = build_graphs(config, weights, "openvino", moe) if own else graphs
-        finally:
-            weights.close()
-            bar.close()
-        for graph, model in graphs.items():
-            onnx.save(model, str(staging / f"{graph}.onnx"))
+            weights.progress.close()
+            for graph, model in graphs.items():
+                onnx.save(model, str(staging / f"{graph}.onnx"))
+    finally:
+        weights.close()
     say_backup_precision(precision, weights.schemes)
     if "openvino" in formats:
         from . import openvino_graphs
@@ -315,10 +322,31 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
             f"{seconds:.0f} s")
 
 
+def choose_backup_tensors(weights, precision: Precision) -> None:
+    """--ratio: the int4 tensors int4 would change most go to int8 (dg_quantize.sensitivity), said on stderr."""
+    from dg_quantize.sensitivity import backup_tensors
+
+    from .checkpoint import row_chunks
+
+    tensors = {}
+    for name, shape in weights.expected_shapes.items():
+        scheme = precision.scheme(name, tuple(shape))
+        if scheme.format == "int4":
+            tensors[name] = (tuple(shape), scheme)
+
+    def read(name):
+        stored = weights.resolve(name)
+        return (weights.checkpoint.read(stored, start, stop) for start, stop in row_chunks(tensors[name][0]))
+
+    precision.backup, share = backup_tensors(tensors, read, precision.ratio)
+    print(f"dg-export: --ratio {precision.ratio:g}: {len(precision.backup)} of {len(tensors)} int4 tensors kept at "
+          f"int8, the ones int4 changes most; int4 holds {share:.1%} of their parameters", file=sys.stderr)
+
+
 def say_backup_precision(precision: Precision, schemes: dict) -> None:
     """Tensors whose width no int4 group divides were kept at int8 (as NNCF keeps them at its backup precision)."""
-    kept = [name for name, scheme in schemes.items()
-            if scheme.format == "int8" and precision.formats[role_of(name)] == "int4"]
+    kept = [name for name, scheme in schemes.items() if scheme.format == "int8"
+            and precision.formats[role_of(name)] == "int4" and name not in precision.backup]
     if kept:
         print(f"dg-export: {len(kept)} tensor(s) kept at int8, the backup precision: no int4 group of at least 16 "
               f"divides their input width (first: {kept[0]}); the manifest records each tensor's format",

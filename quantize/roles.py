@@ -3,7 +3,10 @@
 A recipe's "weights" is either one format for every matrix ("fp32") or one per role:
 
     {"embedding": "int8", "attention": "int8", "mlp": "int8", "router": "fp32", "experts": "int4",
-     "group_size": 64, "sym": true}
+     "group_size": 64, "sym": true, "ratio": 1.0}
+
+`group_size` -1 is int4 per output channel (what NPUs prefer); `ratio` is optimum-cli's: the share of the int4
+roles' parameters stored int4, the rest (the tensors int4 would hurt most, see sensitivity.py) at int8.
 
 Norms, scalars and the router's per-expert scales are vectors and always stay fp32.
 """
@@ -43,13 +46,15 @@ class Precision:
     """The scheme of every role, from a recipe's "weights" entry with command-line overrides applied."""
 
     def __init__(self, weights, weight_format: str | None = None, group_size: int | None = None,
-                 sym: bool | None = None, where: str = "recipe"):
+                 sym: bool | None = None, ratio: float | None = None, where: str = "recipe"):
         spec = dict(weights) if isinstance(weights, dict) else {role: weights for role in ROLES}
         if weight_format is not None:
             spec.update(weight_formats(weight_format))
         group, symmetric = spec.pop("group_size", DEFAULT_GROUP), spec.pop("sym", False)
+        share = spec.pop("ratio", 1.0)
         group = group_size if group_size is not None else group
         symmetric = sym if sym is not None else symmetric
+        share = ratio if ratio is not None else share
         if set(spec) != set(ROLES):
             raise UserError(f"{where} weights must name a format for each of {', '.join(ROLES)} (got {sorted(spec)})")
         for role, value in spec.items():
@@ -60,13 +65,19 @@ class Precision:
         if spec["embedding"] == "int4":
             raise UserError("the embedding is also the LM head (4-bit logits cost the sampler steps): keep it at int8 "
                             "or wider")
-        if not isinstance(group, int) or isinstance(group, bool) or group < 16 or group & (group - 1):
-            raise UserError(f"--group-size must be a power of two of at least 16 (got {group!r})")
-        self.formats, self.group, self.sym = spec, group, bool(symmetric)
+        if not isinstance(group, int) or isinstance(group, bool) or (group != -1 and (group < 16 or group & (group - 1))):
+            raise UserError(f"--group-size must be a power of two of at least 16, or -1 for one group a row (got "
+                            f"{group!r})")
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+            raise UserError(f"--ratio is the share of the int4 weights kept int4, from 0 to 1 (got {share!r})")
+        self.formats, self.group, self.sym, self.ratio = spec, group, bool(symmetric), float(share)
+        self.backup: set[str] = set()  # the tensors --ratio keeps at int8 (see sensitivity.backup_tensors)
 
     def scheme(self, source: str, shape: tuple) -> Scheme:
         """How a tensor of this name and shape is stored: vectors in fp32, matrices as their role says."""
         format_ = self.formats[role_of(source)] if len(shape) > 1 else "fp32"
+        if format_ == "int4" and source in self.backup:
+            return Scheme("int8")
         if format_ != "int4":
             return Scheme(format_)
         return Scheme("int4", self.group, self.sym).for_columns(shape[-1])
@@ -79,14 +90,18 @@ class Precision:
         """For the manifest: the format of each role, and the int4 settings when int4 is used."""
         entry = dict(self.formats)
         if "int4" in self.formats.values():
-            entry.update(group_size=self.group, sym=self.sym)
+            entry.update(group_size=self.group, sym=self.sym, ratio=self.ratio)
         return entry
 
     def label(self) -> str:
-        """A short name: 'fp32', or 'int4 experts, int8 embedding/attention/mlp, fp32 router'."""
+        """A short name: 'fp32', or 'int4 experts (group 64, sym), int8 embedding/attention/mlp, fp32 router'."""
         by_format: dict[str, list] = {}
         for role, format_ in self.formats.items():
             by_format.setdefault(format_, []).append(role)
+        settings = ["per channel" if self.group == -1 else f"group {self.group}", "sym" if self.sym else "asym"]
+        if self.ratio < 1:
+            settings.append(f"ratio {self.ratio:g}")
+        named = {f: f"{f} ({', '.join(settings)})" if f == "int4" else f for f in by_format}
         if len(by_format) == 1:
-            return next(iter(by_format))
-        return ", ".join(f"{f} {'/'.join(roles)}" for f, roles in by_format.items())
+            return named[next(iter(by_format))]
+        return ", ".join(f"{named[f]} {'/'.join(roles)}" for f, roles in by_format.items())

@@ -26,6 +26,7 @@ class Scheme:
     format: str = "fp32"
     group: int | None = None
     sym: bool = True
+    channelwise: bool = False  # int4 with one group spanning each row (`group` is then the row's width)
 
     @property
     def quantized(self) -> bool:
@@ -36,12 +37,15 @@ class Scheme:
         if self.format == "int8":
             entry.update(group_size=-1, sym=True)
         elif self.format == "int4":
-            entry.update(group_size=self.group, sym=self.sym)
+            entry.update(group_size=-1 if self.channelwise else self.group, sym=self.sym)
         return entry
 
     def for_columns(self, columns: int) -> "Scheme":
         """This scheme with the group narrowed to divide `columns` (the expert width 704 takes 64, not 128); int8,
-        the backup precision, where no group of at least MIN_GROUP does (as NNCF keeps such a tensor)."""
+        the backup precision, where no group of at least MIN_GROUP does (as NNCF keeps such a tensor). Group -1:
+        one group a row (per channel)."""
+        if self.format == "int4" and self.group == -1:
+            return Scheme("int4", columns, self.sym, channelwise=True)
         if self.format != "int4" or columns % self.group == 0:
             return self
         group = self.group

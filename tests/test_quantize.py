@@ -293,6 +293,53 @@ def test_the_igpu_recipe_writes_the_moe_openvino_fuses(tmp_path, demo_fp32):
             if op.get_rt_info()["layerType"].astype(str) == "GatherMatmul"} == {"<Type: 'uint4_t'>"}
 
 
+def test_per_channel_int4_and_ratio_for_npus(tmp_path, demo_fp32):
+    """--group-size -1: int4 with a scale a row, in NNCF's per-channel form (OpenVINO keeps it compressed);
+    --ratio: the tensors int4 changes most go to int8 until int4 holds at most that share of the int4 weights.
+    Both in the manifest and the quality report; per channel is refused for ONNX Runtime."""
+    from dg_export.builtin import DEMO_CHECKPOINT
+    from dg_export.checkpoint import Checkpoint
+    from dg_runtime.errors import UserError
+
+    artifact = export(output=tmp_path / "npu.dg", recipe="npu-int4-sym", ratio=0.6)  # the recipe: per channel
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["weights"]["roles"] | {"group_size": -1, "sym": True, "ratio": 0.6} == manifest["weights"]["roles"]
+    report = read_report(artifact)
+    assert "per channel" in report["precision"] and "ratio 0.6" in report["precision"]
+    (row,) = report["backends"]
+    assert row["step_argmax_agreement"] >= 0.95 and row["demo_exact_match"] >= row["fp32_demo_exact_match"] - 0.01
+
+    checkpoint = Checkpoint(DEMO_CHECKPOINT)
+    tensors = {name: record["format"] for name, record in manifest["weights"]["tensors"].items()
+               if record["format"] in ("int4", "int8") and "embed_tokens" not in name}
+    assert all(manifest["weights"]["tensors"][n]["group_size"] == -1 for n, f in tensors.items() if f == "int4")
+
+    def error(name):  # the relative error of per-channel symmetric int4, computed here from the checkpoint
+        rows = checkpoint.read(name, 0, None).astype(np.float64)
+        rows = rows.reshape(-1, rows.shape[-1])
+        restored = dequantize_int4(*int4_groups(rows, rows.shape[-1], True))
+        return np.linalg.norm(restored - rows) / np.linalg.norm(rows)
+
+    size = {name: np.prod(checkpoint.shape(name)) for name in tensors}
+    int4_share = sum(size[n] for n, f in tensors.items() if f == "int4") / sum(size.values())
+    assert 0.3 < int4_share <= 0.6, int4_share
+    errors = {name: error(name) for name in tensors}
+    assert min(errors[n] for n, f in tensors.items() if f == "int8") >= max(
+        errors[n] for n, f in tensors.items() if f == "int4")
+
+    core = ov.Core()
+    ops = core.compile_model(core.read_model(str(artifact / "model.xml")), "CPU",
+                             {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model().get_ordered_ops()
+    weight_types = {str(op.input(1).get_element_type()) for op in ops
+                    if op.get_rt_info()["layerType"].astype(str) == "FullyConnected" and "router" not in op.get_friendly_name()}
+    assert weight_types == {"<Type: 'int8_t'>", "<Type: 'uint4_t'>"}, weight_types
+    assert Scheme("int4", -1, True).for_columns(40).record() == {"format": "int4", "group_size": -1, "sym": True}
+
+    with pytest.raises(UserError, match="per-channel int4 .* is OpenVINO's"):
+        export(output=tmp_path / "onnx.dg", weight_format="int4", group_size=-1)
+    assert not (tmp_path / "onnx.dg").exists()
+
+
 @pytest.mark.parametrize("mode", ["full", "by-layer"])
 def test_a_float_tiled_moe_matches_transformers(tmp_path, mode):
     """The tiled MoE block in float, validated against transformers like any fp32 export (full: the artifact's
