@@ -115,7 +115,9 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, sa
     def save(done: int) -> None:
         # canvas256 ships in bf16 to stay small in git; tiny's 1.5 M parameters stay float32
         copy.deepcopy(model).eval().to(dtype).save_pretrained(staging, safe_serialization=True)
-        (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+        # the published defaults; canvas256's `twice` answers fill two canvases
+        generation = {**GENERATION_CONFIG, "max_new_tokens": max(GENERATION_CONFIG["max_new_tokens"], 2 * canvas)}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (staging / "training.json").write_text(json.dumps(
             {"model": name, "steps": done, "of": steps, "seed": seed, "batch": batch, "lr": lr,
              "canvas_length": canvas, "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),

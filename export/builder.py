@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .graphs import graph_specs, large_head
+from .graphs import graph_specs, large_head, static_graph_specs
 
 OPSET = 21
 FLOAT_MIN = float(np.finfo(np.float32).min)
@@ -253,15 +253,17 @@ def apply_rotary(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
-def causal_mask(g: Graph, position_ids: str, past_key: str, window: int | None) -> str:
+def causal_mask(g: Graph, position_ids: str, past_key: str, window: int | None, past: str | None = None) -> str:
     """[B, 1, 1, T, past + T] booleans: keys at or before the query, and within the window for sliding layers.
 
     Past keys are the tokens just before the new ones, so their positions follow from the first new position.
+    `past`: how many of the past slots are real (static graphs; default: all of them).
     """
     with g.scope("causal_mask" if window is None else "sliding_window_mask"):
-        past = g.op("Gather", g.op("Shape", past_key), g.const(2), axis=0)
+        slots = g.op("Gather", g.op("Shape", past_key), g.const(2), axis=0)
+        past = past or slots
         first = g.op("Slice", position_ids, g.const([0]), g.const([1]), g.const([1]))
-        offsets = g.op("Range", g.const(0), past, g.const(1))
+        offsets = g.op("Range", g.const(0), slots, g.const(1))
         past_positions = g.op("Add", g.op("Sub", first, past), offsets)
         keys = g.op("Unsqueeze", g.op("Concat", past_positions, position_ids, axis=1), g.const([1, 2, 3]))
         queries = g.op("Unsqueeze", position_ids, g.const([1, 2, 4]))
@@ -269,6 +271,18 @@ def causal_mask(g: Graph, position_ids: str, past_key: str, window: int | None) 
         if window is not None:
             mask = g.op("And", mask, g.op("Greater", keys, g.op("Sub", queries, g.const(window))))
         return mask
+
+
+def real_keys(g: Graph, past_key: str, input_ids: str, past: str, new_tokens: str) -> str:
+    """[1, 1, 1, 1, slots + T] booleans of a static graph: the first `past` cache slots and the first `new_tokens`
+    new tokens are real, the rest padding that no query may see."""
+    with g.scope("real_keys"):
+        def first(count: str, of: str, axis: int) -> str:
+            size = g.op("Gather", g.op("Shape", of), g.const(axis), axis=0)
+            return g.op("Less", g.op("Range", g.const(0), size, g.const(1)), count)
+
+        keys = g.op("Concat", first(past, past_key, 2), first(new_tokens, input_ids, 1), axis=0)
+        return g.op("Reshape", keys, g.const([1, 1, 1, 1, -1]))
 
 
 def self_attn(g: Graph, x: str, prefix: str, layer: dict, heads: int, eps: float, rope, past_key: str,
@@ -517,12 +531,17 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx", moe: s
     tokens = embed_tokens(g, input_ids, c)
     x = g.op("Where", denoising, canvas_embedding(g, tokens, inputs["soft_embedding"], c), tokens)
     rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
+    static = "new_tokens" in inputs  # fixed shapes, padded: counts say what is real (graphs.static_graph_specs)
     masks = {}
     for i, layer_type in enumerate(c.layer_types):
         if layer_type not in masks:  # every layer of a type has the same past length
             window = c.sliding_window if layer_type == "sliding_attention" else None
+            filled = inputs[f"past_{layer_type.split('_')[0]}_length"] if static else None
             # The canvas sees every cached key and itself, bidirectionally.
-            masks[layer_type] = g.op("Or", causal_mask(g, position_ids, past[2 * i], window), denoising)
+            masks[layer_type] = g.op("Or", causal_mask(g, position_ids, past[2 * i], window, filled), denoising)
+            if static:
+                masks[layer_type] = g.op("And", masks[layer_type],
+                                         real_keys(g, past[2 * i], input_ids, filled, inputs["new_tokens"]))
     presents = []
     for i, layer_type in enumerate(c.layer_types):
         scalar = g.op("Where", denoising, g.weight(f"{c.layers_prefix}.{i}.layer_scalar"),
@@ -537,8 +556,8 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx", moe: s
     if g.target == "onnx" and large_head(c.config):
         outputs = head_in_chunks(g, x, inputs["temperature"], inputs["sample_uniform"], denoising, c)
     else:  # small heads gain nothing; OpenVINO reads weights inside a Loop body as inputs: no compressed kernels
-        outputs = denoiser_head(g, x, inputs["temperature"], inputs["sample_uniform"], c,
-                                g.op("Where", denoising, head_tokens, g.const([0])))
+        soft_rows = head_tokens if static else g.op("Where", denoising, head_tokens, g.const([0]))  # static: always
+        outputs = denoiser_head(g, x, inputs["temperature"], inputs["sample_uniform"], c, soft_rows)
     outputs.update(zip((e["name"] for e in spec["outputs"] if e["name"].startswith("present.")), presents))
     for entry in spec["outputs"]:
         g.add_output(outputs[entry["name"]], entry)
@@ -711,10 +730,12 @@ def sample_block(vocab: int) -> int:
     return next(d for d in range(int(vocab**0.5), 0, -1) if vocab % d == 0)
 
 
-def build_graphs(config, weights, target: str = "onnx", moe: str = "sorted") -> dict[str, onnx.ModelProto]:
+def build_graphs(config, weights, target: str = "onnx", moe: str = "sorted",
+                 static: dict | None = None) -> dict[str, onnx.ModelProto]:
     """The artifact's graphs for one target ("onnx" or "openvino": they differ in quantized weights, the head of a
-    large vocabulary and, with `moe` "tiled", the routed experts)."""
-    if moe not in MOE_FORMS or (moe == "tiled" and target != "openvino"):
-        raise ValueError(f"no MoE form {moe!r} for {target}")
-    shape, specs = ModelShape(config), graph_specs(config)
+    large vocabulary and, with `moe` "tiled", the routed experts); `static`: sizes (graphs.static_shapes) that fix
+    every shape, OpenVINO's tiled MoE only (the sorted form's shapes follow the routing)."""
+    if moe not in MOE_FORMS or (moe == "tiled" and target != "openvino") or (static and moe != "tiled"):
+        raise ValueError(f"no MoE form {moe!r} for {target}{' with static shapes' if static else ''}")
+    shape, specs = ModelShape(config), static_graph_specs(config, static) if static else graph_specs(config)
     return {"model": build_model(shape, specs["model"], weights, target, moe)}

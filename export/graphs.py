@@ -76,3 +76,26 @@ def graph_specs(config, logits: bool | None = None) -> dict:
             ],
         },
     }
+
+
+def static_shapes(config, static: dict) -> dict:
+    """The fixed sizes of a static artifact (recipe `openvino.static`, for NPUs, whose plugin compiles static shapes
+    only): one graph call takes `tokens` new tokens (the prompt chunk, and the canvas padded to it), at most
+    `kv_capacity` cached tokens in full layers, and a sliding layer's window plus a canvas (fast mode's frozen
+    positions join the past)."""
+    tokens = max(static.get("prompt_chunk") or config.canvas_length, config.canvas_length)
+    capacity = min(static.get("kv_capacity", 4096), config.text_config.max_position_embeddings)
+    return {"batch": 1, "tokens": tokens, "soft_tokens": tokens, "head_tokens": tokens, "soft_rows": tokens,
+            "past_full": capacity, "past_sliding": config.text_config.sliding_window - 1 + tokens}
+
+
+def static_graph_specs(config, sizes: dict) -> dict:
+    """graph_specs with every dimension fixed to `sizes`, and the counts that say how much of each padded input is
+    real: `new_tokens` of the tokens, `past_full_length` and `past_sliding_length` of the cache slots."""
+    specs = graph_specs(config)
+    for entry in (e for spec in specs.values() for kind in ("inputs", "outputs") for e in spec[kind]):
+        entry["shape"] = [sizes[d] if isinstance(d, str) else d for d in entry["shape"]]
+    for spec in specs.values():
+        spec["inputs"] += [{"name": name, "dtype": "int64", "shape": []}
+                           for name in ("new_tokens", "past_full_length", "past_sliding_length")]
+    return specs

@@ -58,7 +58,10 @@ def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, 
     precision = Precision(chosen["weights"], weight_format, group_size, sym, ratio, where="the weight format")
     if precision.group == -1 and "int4" in precision.formats.values() and "onnx" in formats:
         raise UserError("per-channel int4 ({group_size} -1) is OpenVINO's: ONNX Runtime's MatMulNBits takes "
-                        "power-of-two groups; add {formats} openvino, or choose a group size", "group_size", "formats")
+                        "power-of-two groups; choose {formats} openvino, or a group size", "group_size", "formats")
+    if "static" in chosen["openvino"] and "onnx" in formats:
+        raise UserError(f"recipe {chosen['name']} fixes OpenVINO's shapes (openvino.static); its graphs are OpenVINO's "
+                        "only: choose {formats} openvino", "formats")
     output = Path(output) if output is not None else Path(f"{Path(model.replace(':', '-')).name}.dg")
     if output.exists() and not overwrite:
         raise UserError(f"output folder {output} exists; use {{overwrite}} to replace it, or choose another "
@@ -200,7 +203,7 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
     import onnx
 
     from .builder import build_graphs
-    from .graphs import graph_specs, kv_layout
+    from .graphs import graph_specs, kv_layout, static_graph_specs, static_shapes
     from .source import load_config
     from .weights import WEIGHTS_FILE, Weights, expected_shapes, progress_bar
 
@@ -214,6 +217,7 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
     params = sum(int(np.prod(checkpoint.shape(n))) for n in checkpoint.names() if n in shapes)
     weights = Weights(staging / WEIGHTS_FILE, checkpoint, precision, shapes)
     moe = recipe["openvino"].get("moe", "sorted")
+    static = static_shapes(config, recipe["openvino"]["static"]) if "static" in recipe["openvino"] else None
     try:
         weights.check_shapes()
         if precision.ratio < 1:
@@ -227,7 +231,7 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
             # OpenVINO's alone: its own graphs then.
             if "openvino" in formats:
                 own = precision.quantized or moe == "tiled" or not graphs
-                openvino_sources = build_graphs(config, weights, "openvino", moe) if own else graphs
+                openvino_sources = build_graphs(config, weights, "openvino", moe, static) if own else graphs
             weights.progress.close()
             for graph, model in graphs.items():
                 onnx.save(model, str(staging / f"{graph}.onnx"))
@@ -278,8 +282,8 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
         "precision": precision.label(),
         "weights": {"roles": precision.summary(), "stored_bytes": weights.stored_bytes(),
                     "tensors": {name: scheme.record() for name, scheme in sorted(weights.schemes.items())}},
-        "openvino": recipe["openvino"],
-        "graphs": graph_specs(config),
+        "openvino": {**recipe["openvino"], **({"static": static} if static else {})},
+        "graphs": static_graph_specs(config, static) if static else graph_specs(config),
         "formats": {},
     }
     for fmt, suffix in (("onnx", "onnx"), ("openvino", "xml")):
@@ -385,7 +389,8 @@ def check_quantized(source: Source, config, checkpoint, weights, staging: Path, 
         rows = validate.mark_ok([validate.weights_row(checkpoint, weights, staging)])
         if mode == "full" and rows[0]["ok"]:
             manifest["quality"] = measure_quality(config, checkpoint, staging, manifest, backends,
-                                                  demo=source.model == BUILTIN_ID)
+                                                  demo=source.model.removeprefix("builtin:") if source.model
+                                                  in BUILTINS else None)
     if mode != "full":
         print("dg-export: no quality report: it runs fp32 graphs of the whole model, which full validation does "
               "(too large for memory here, or not asked for; see --dry-run); the quantized weights were checked",
@@ -393,14 +398,16 @@ def check_quantized(source: Source, config, checkpoint, weights, staging: Path, 
     return rows
 
 
-def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends: list[str], demo: bool) -> dict:
+def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends: list[str], demo: str | None) -> dict:
     """Export fp32 ONNX graphs of the same checkpoint beside the artifact (hidden, removed after) and measure the
-    quantized graphs against them on every backend; on the demo model also its exact-match accuracy."""
+    quantized graphs against them on every backend, on held-out problems of the embedded model `demo` (of `tiny`,
+    as text like any other, for other models); on an embedded model also its exact-match accuracy."""
     import onnx
     from dg_quantize import quality
 
     from .builder import build_graphs
     from .demo import problems
+    from .graphs import graph_specs
     from .weights import WEIGHTS_FILE, Weights
 
     reference = staging / ".fp32-reference"
@@ -416,15 +423,18 @@ def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends:
         for file in staging.iterdir():
             if file.is_file() and file.suffix not in (".onnx", ".xml", ".bin") and not file.name.startswith("."):
                 shutil.copy2(file, reference / file.name)
-        write_manifest(reference, {**manifest, "precision": "fp32", "weights": {},
+        write_manifest(reference, {**manifest, "precision": "fp32", "weights": {}, "graphs": graph_specs(config),
+                                   "openvino": {k: v for k, v in manifest["openvino"].items() if k != "static"},
                                    "formats": {"onnx": {"graphs": {g: f"{g}.onnx" for g in GRAPH_NAMES},
                                                         "weights": WEIGHTS_FILE}}})
         write_manifest(staging, manifest)  # the runtime opens artifacts by their manifest
         # held-out demo problems: in the demo model's domain, as good as any text for random weights
-        prompts = [prompt for prompt, _, _ in problems("tiny", quality.PROMPT_SEED, quality.PROMPT_COUNT)]
+        prompts = [prompt for prompt, _, _ in problems(demo or "tiny", quality.PROMPT_SEED, quality.PROMPT_COUNT)]
         rows = [quality.measure(staging, reference, backend, prompts) for backend in backends]
         if demo:
-            checkable = [(prompt, answer) for prompt, answer, _ in problems("tiny", quality.PROMPT_SEED, 100)]
+            checkable = [(prompt, answer) for prompt, answer, _ in problems(demo, quality.PROMPT_SEED,
+                                                                            quality.EXACT_MATCH_COUNT[demo])
+                         if answer is not None]
             fp32_accuracy = quality.exact_match(reference, "onnxruntime", checkable)
             for row in rows:
                 row.update(demo_exact_match=quality.exact_match(staging, row["backend"], checkable),

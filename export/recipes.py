@@ -38,4 +38,9 @@ def load_recipe(name_or_path: str) -> dict:
     if recipe["openvino"].get("moe", "sorted") not in ("sorted", "tiled"):
         raise UserError(f"recipe {name_or_path}: openvino.moe must be 'sorted' or 'tiled' (got "
                         f"{recipe['openvino']['moe']!r})")
+    static = recipe["openvino"].get("static")
+    if static is not None and (set(recipe["formats"]) != {"openvino"} or recipe["openvino"].get("moe") != "tiled"
+                               or not isinstance(static, dict) or not set(static) <= {"prompt_chunk", "kv_capacity"}):
+        raise UserError(f"recipe {name_or_path}: openvino.static (fixed shapes: prompt_chunk, kv_capacity) needs "
+                        "formats [\"openvino\"] and openvino.moe \"tiled\" (the sorted MoE's shapes follow the routing)")
     return {"name": name, **recipe}

@@ -19,6 +19,7 @@ from dg_runtime.generate import DiffusionGemma
 
 REPORT_FILE = "quality.json"
 PROMPT_COUNT, PROMPT_SEED = 8, 12345  # how many held-out problems the exporter measures on, drawn from which seed
+EXACT_MATCH_COUNT = {"tiny": 100, "canvas256": 24}  # problems drawn for an embedded model's exact match
 
 
 class TeacherForced:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError, BackendUnavailable, NotEnoughMemory, SettingError, UserError
+from .static_shapes import StaticShapes
 
 BACKENDS = ("onnxruntime", "openvino")
 
@@ -255,4 +256,5 @@ def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", 
     if sorted(session.input_names) != sorted(expected):
         raise ArtifactError(f"{fmt} graph {graph} has inputs {session.input_names}, the manifest lists {expected}: "
                             "the artifact is inconsistent; re-export it", folder)
-    return session
+    static = manifest["openvino"].get("static") if fmt == "openvino" else None
+    return StaticShapes(session, static, manifest["model"]["kv_layout"]) if static else session

@@ -186,7 +186,11 @@ class DiffusionGemma:
             session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
         if release:
             release_mapped_pages(release)  # what a page-out could not drop (a file this user does not own)
-        self.graph = ModelGraph(session, self.hidden_size, release, encode_chunk=self.canvas_length)
+        static = self.manifest["openvino"].get("static") if self.backend == "openvino" else None
+        self.graph = ModelGraph(session, self.hidden_size, release,
+                                encode_chunk=static["tokens"] if static else self.canvas_length)
+        if static:  # the cache holds what the shapes were fixed for
+            self.max_positions = min(self.max_positions, static["past_full"])
         self.load_ms = (time.perf_counter() - started) * 1000
 
     def new_cache(self, batch: int = 1) -> KVCache:

@@ -1,33 +1,56 @@
-"""The embedded demo model really writes: it solves held-out problems under transformers and on both backends."""
+"""The embedded demo models really write: they solve held-out problems under transformers and on both backends."""
 
 import numpy as np
 import pytest
 
+from dg_export import export
 from dg_export.builtin import builtin_checkpoint
 from dg_export.demo import problems
+from dg_export.demo.prose import KINDS
 from dg_export.reference import generate_with_noise
 from dg_runtime import NoiseSource, load
 from dg_runtime.streamer import reply_tokens
 
-PROBLEMS = problems("tiny", 12345, 40)  # the held-out seed: training excluded these
+# the held-out seed (training excluded these); canvas256's problems fill whole 256-token canvases, so fewer of them
+COUNTS = {"tiny": 40, "canvas256": 20}
 
 
-@pytest.fixture(scope="module")
-def transformers_answers(hf_model, demo_artifact):
-    model, runtime = hf_model(builtin_checkpoint()), load(demo_artifact)
+@pytest.fixture(scope="module", params=list(COUNTS))
+def demo(request, tmp_path_factory, demo_artifact):
+    """(name, artifact, held-out problems, transformers' answers, transformers' tokens per forward)."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    name = request.param
+    artifact = demo_artifact if name == "tiny" else export(f"builtin:{name}", tmp_path_factory.mktemp(name) / "a.dg")
+    held_out = problems(name, 12345, COUNTS[name])
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(builtin_checkpoint(f"builtin:{name}"),
+                                                            dtype=torch.float32).eval()
+    runtime = load(artifact)
     answers, rates = [], []
-    for seed, (prompt, _, _) in enumerate(PROBLEMS):
+    for seed, (prompt, _, _) in enumerate(held_out):
         tokens, recorder = generate_with_noise(model, np.array([runtime.prompt_ids(prompt)]), runtime.defaults,
                                                NoiseSource(seed))
         answers.append(runtime.text.decode(reply_tokens(tokens[0], runtime.eos_ids, runtime.pad_id)))
         rates.append(int((tokens[0] != runtime.pad_id).sum()) / len(recorder.logits))  # as transformers counts
-    return answers, float(np.mean(rates))
+    return name, artifact, held_out, answers, float(np.mean(rates))
 
 
-def test_solves_held_out_problems_with_default_settings(transformers_answers):
-    answers, tokens_per_forward = transformers_answers
-    assert np.mean([a == answer for a, (_, answer, _) in zip(answers, PROBLEMS)]) >= 0.9
-    assert tokens_per_forward >= 4
+def test_solves_held_out_problems_with_default_settings(demo):
+    name, _, held_out, answers, tokens_per_forward = demo
+    checked = [(a, answer) for a, (_, answer, _) in zip(answers, held_out) if answer is not None]
+    assert len(checked) >= 0.6 * len(held_out)
+    assert np.mean([a == answer for a, answer in checked]) >= 0.9, [
+        (a, answer) for a, answer in checked if a != answer][:2]
+    assert tokens_per_forward >= {"tiny": 4, "canvas256": 2}[name]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_artifacts_answer_as_transformers_does(demo, backend):
+    _, artifact, held_out, reference, _ = demo
+    model = load(artifact, backend=backend)
+    answers = [model.generate_text(prompt, seed=seed) for seed, (prompt, _, _) in enumerate(held_out)]
+    assert sum(a == b for a, b in zip(answers, reference)) >= 0.95 * len(held_out)
 
 
 def test_problems_are_seeded_and_checkable():
@@ -35,11 +58,12 @@ def test_problems_are_seeded_and_checkable():
     assert {kind for _, _, kind in problems("tiny", 0, 200)} == {"upper", "next", "greet", "shout"}
     prompt, answer, kind = problems("tiny", 0, 1)[0]
     assert prompt.startswith(f"{kind}: ") and answer
-
-
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_artifacts_answer_as_transformers_does(demo_artifact, transformers_answers, backend):
-    model = load(demo_artifact, backend=backend)
-    answers = [model.generate_text(prompt, seed=seed) for seed, (prompt, _, _) in enumerate(PROBLEMS)]
-    reference, _ = transformers_answers
-    assert sum(a == b for a, b in zip(answers, reference)) >= 0.95 * len(PROBLEMS)
+    drawn = problems("canvas256", 7, 60)
+    assert drawn == problems("canvas256", 7, 60) != problems("canvas256", 8, 60)
+    assert {kind for _, _, kind in drawn} == set(KINDS)
+    for prompt, answer, kind in drawn:
+        assert (answer is None) == (kind == "continue")
+        if kind == "upper":
+            assert answer == prompt.removeprefix("upper: ").upper() and len(answer) == 240
+    with pytest.raises(ValueError, match="the embedded models are: tiny, canvas256"):
+        problems("large", 0, 1)

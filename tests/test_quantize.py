@@ -328,10 +328,14 @@ def test_per_channel_int4_and_ratio_for_npus(tmp_path, demo_fp32):
         errors[n] for n, f in tensors.items() if f == "int4")
 
     core = ov.Core()
-    ops = core.compile_model(core.read_model(str(artifact / "model.xml")), "CPU",
-                             {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model().get_ordered_ops()
+    ir = core.read_model(str(artifact / "model.xml"))
+    assert {op.get_element_type() for op in ir.get_ordered_ops()
+            if op.get_type_name() == "Constant" and ".experts." in op.get_friendly_name()} >= {ov.Type.u4}
+    ops = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model().get_ordered_ops()
+    # the CPU plugin keeps them compressed, the experts aside: static shapes keep its MoE fusion from matching them
     weight_types = {str(op.input(1).get_element_type()) for op in ops
-                    if op.get_rt_info()["layerType"].astype(str) == "FullyConnected" and "router" not in op.get_friendly_name()}
+                    if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
+                    and "router" not in op.get_friendly_name() and "experts" not in op.get_friendly_name()}
     assert weight_types == {"<Type: 'int8_t'>", "<Type: 'uint4_t'>"}, weight_types
     assert Scheme("int4", -1, True).for_columns(40).record() == {"format": "int4", "group_size": -1, "sym": True}
 
