@@ -98,7 +98,7 @@ def test_validation_by_layer_fails_on_a_wrong_window(sharded, tmp_path, monkeypa
     """A sliding window one token too wide changes only the encoder's masked layers."""
     original = builder.causal_mask
     monkeypatch.setattr(builder, "causal_mask",
-                        lambda g, pos, past, window: original(g, pos, past, window and window + 1))
+                        lambda g, pos, past, window, *rest: original(g, pos, past, window and window + 1, *rest))
     assert dg_export([str(sharded), "-o", str(tmp_path / "out.dg"), "--validation", "by-layer",
                       "--format", "onnx"]) == 2
     assert "validation failed" in capsys.readouterr().err
