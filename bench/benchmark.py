@@ -1,8 +1,8 @@
 """Benchmark: the exported graphs and the runtime loop against transformers, measured in the same run.
 
-    python bench/benchmark.py [--size tiny|medium] [--threads 2]
+    python bench/benchmark.py [--size tiny|canvas256|medium] [--threads 2]
 
-Uses the embedded demo model (tiny) or builds a seeded medium stand-in, exports it once (cached) with the
+Uses an embedded demo model (tiny, or canvas256: the published 256-token canvas) or builds a seeded medium stand-in, exports it once (cached) with the
 cpu-fp32, cpu-int8 and cpu-int4-mixed recipes, then prints a Markdown table: the denoiser step (median ms, same
 inputs) and whole generations (same prompts, same noise, default generation settings) for transformers, ONNX
 Runtime, OpenVINO f32 and bf16 and the quantized artifacts on both backends, with ratios to transformers and to
@@ -49,8 +49,8 @@ print(model.load_ms, [line for line in open("/proc/self/status") if line.startsw
 
 
 def checkpoint_for(size: str) -> Path:
-    if size == "tiny":
-        return builtin_checkpoint()
+    if size != "medium":
+        return builtin_checkpoint(f"builtin:{size}")
     folder = cache_dir() / "bench-medium"
     if not (folder / "config.json").is_file():
         # A wider tied embedding makes the distributions peaked, as a trained model's are, so that the
@@ -82,7 +82,7 @@ def median_ms(run, repeats: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python bench/benchmark.py")
-    parser.add_argument("--size", choices=["tiny", "medium"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "canvas256", "medium"], default="tiny")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed denoiser steps per backend")
     parser.add_argument("--seeds", type=int, default=3, help="generations per backend")
@@ -130,11 +130,10 @@ def main(argv=None) -> None:
         step_ms[key] = median_ms(lambda: runtime.graph.run(STEP_OUTPUTS, feeds), args.repeats)
 
     # Whole generations with the artifact's default settings and the same noise on every side.
-    if args.size == "tiny":  # the demo model's own kind of problem, so that answers (and tokens/s) mean something
-        from dg_export.demo.tasks import held_out
+    if args.size != "medium":  # the demo model's own kind of problem, so that answers (and tokens/s) mean something
+        from dg_export.demo import problems
 
-        prompts = [np.array([first.text.chat_ids([{"role": "user", "content": text}])])
-                   for text, _ in held_out(args.seeds)]
+        prompts = [np.array([first.prompt_ids(text)]) for text, _, _ in problems(args.size, 12345, args.seeds)]
     else:
         prompts = [rng.integers(5, vocab, (1, 24 + 7 * s)) for s in range(args.seeds)]
     results = {}
@@ -162,7 +161,7 @@ def main(argv=None) -> None:
         results[key] = (time.perf_counter() - started, n_steps, same / total)
         decoding[key] = (tokens, seconds, blocks)
 
-    name = "embedded demo model" if args.size == "tiny" else "medium stand-in (seeded random weights)"
+    name = f"embedded demo model {args.size}" if args.size != "medium" else "medium stand-in (seeded random weights)"
     print(f"\n{name}: {params / 1e6:.1f} M text parameters, canvas {canvas}, "
           f"{args.threads} threads, {args.seeds} generations of up to {settings.max_new_tokens} tokens "
           f"(max {settings.max_denoising_steps} steps/block)\n")
