@@ -26,6 +26,7 @@ from .graph import STEP_OUTPUTS, ModelGraph, worth_releasing
 from .kv_cache import KVCache
 from .noise import NoiseSource
 from .sampler import StableAndConfident, entropy_bound_accept, finalize_block, temperature
+from .static_shapes import StaticShapes
 from .streamer import TextStreamer, reply_tokens
 from .text import TextCodec
 
@@ -186,7 +187,7 @@ class DiffusionGemma:
             session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
         if release:
             release_mapped_pages(release)  # what a page-out could not drop (a file this user does not own)
-        static = self.manifest["openvino"].get("static") if self.backend == "openvino" else None
+        static = session.sizes if isinstance(session, StaticShapes) else None
         self.graph = ModelGraph(session, self.hidden_size, release,
                                 encode_chunk=static["tokens"] if static else self.canvas_length)
         if static:  # the cache holds what the shapes were fixed for

@@ -9,6 +9,7 @@ outputs are cut back to the rows the dynamic graph returns: the new tokens' KV, 
 import numpy as np
 
 from .errors import UserError
+from .kv_cache import KVCache
 
 COUNTS = ("new_tokens", "past_full_length", "past_sliding_length")
 
@@ -31,21 +32,18 @@ class StaticShapes:
         if new <= tokens:
             return self.run_padded(outputs, feeds)
         head = feeds["sample_uniform"].shape[1]
-        names = [*outputs, *(n for n in self.output_names if n.startswith("present.") and n not in outputs)]
-        past = {k: v for k, v in feeds.items() if k.startswith("past.")}
+        presents = [n for n in self.output_names if n.startswith("present.")]
+        cache = KVCache(self.kv_layout, self.sizes["past_sliding"] - tokens + 1, 1)  # the window, as the runtime's
+        cache.tensors = [feeds[n.replace("present.", "past.", 1)] for n in presents]
         parts = []
         for start in range(0, new, tokens):
             stop = min(new, start + tokens)
             rows = max(0, stop - max(start, new - head))  # the head's rows are the last `head` new tokens
-            chunk = {**feeds, **past, "input_ids": feeds["input_ids"][:, start:stop],
+            chunk = {**feeds, **cache.feeds(), "input_ids": feeds["input_ids"][:, start:stop],
                      "position_ids": feeds["position_ids"][:, start:stop],
                      "sample_uniform": feeds["sample_uniform"][:, head - (new - stop) - rows: head - (new - stop)]}
-            results = dict(zip(names, self.run_padded(names, chunk)))
-            for name in past:
-                layer = int(name.split(".")[1])
-                keep = self.sizes["past_" + self.kv_layout[layer]["type"].split("_")[0]] - tokens
-                grown = np.concatenate([past[name], results[name.replace("past.", "present.")]], axis=2)
-                past[name] = grown[:, :, -keep:] if self.kv_layout[layer]["type"] == "sliding_attention" else grown
+            results = dict(zip([*outputs, *presents], self.run_padded([*outputs, *presents], chunk)))
+            cache.append([results[n] for n in presents])
             parts.append([results[n] for n in outputs])
         return [np.concatenate(chunks, axis=2 if name.startswith("present.") else 1)
                 for name, chunks in zip(outputs, zip(*parts))]
