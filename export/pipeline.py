@@ -243,7 +243,8 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
 
         with progress.stage("converting graphs to OpenVINO IR"):
             for graph, model in openvino_sources.items():
-                openvino_graphs.convert(model, staging / f"{graph}.xml", staging / WEIGHTS_FILE)
+                kv_state = (kv_layout(text), text.sliding_window) if recipe["openvino"].get("kv_state") else None
+                openvino_graphs.convert(model, staging / f"{graph}.xml", staging / WEIGHTS_FILE, kv_state)
 
     with progress.stage("copying config and tokenizer"):
         for name in ("config.json", *TOKENIZER_FILES, *OPTIONAL_FILES):

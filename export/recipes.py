@@ -43,4 +43,8 @@ def load_recipe(name_or_path: str) -> dict:
                                or not isinstance(static, dict) or not set(static) <= {"prompt_chunk", "kv_capacity"}):
         raise UserError(f"recipe {name_or_path}: openvino.static (fixed shapes: prompt_chunk, kv_capacity) needs "
                         "formats [\"openvino\"] and openvino.moe \"tiled\" (the sorted MoE's shapes follow the routing)")
+    kv_state = recipe["openvino"].get("kv_state", False)
+    if not isinstance(kv_state, bool) or kv_state and static is not None:
+        raise UserError(f"recipe {name_or_path}: openvino.kv_state (the KV cache as OpenVINO state) must be true or "
+                        "false, and false with openvino.static (the static form takes the cache as padded inputs)")
     return {"name": name, **recipe}

@@ -21,7 +21,6 @@ from transformers import DynamicCache
 
 from dg_runtime.backends import open_graph
 from dg_runtime.graph import ModelGraph
-from dg_runtime.kv_cache import KVCache
 
 from . import reference
 
@@ -161,7 +160,7 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
     for backend in backends:
         # The graphs' own fidelity, in f32, whatever precision the recipe asks the runtime to compute in.
         graph = ModelGraph(open_graph(folder, manifest, backend, precision="f32"), text.hidden_size)
-        kv = KVCache(manifest["model"]["kv_layout"], text.sliding_window, batch)
+        kv = graph.new_cache(manifest["model"]["kv_layout"], text.sliding_window, batch)  # OpenVINO state, or host
         for ids, label in ((prompt, "prompt"), (chunk, "next chunk")):
             next_token = graph.encode(kv, ids)
             rows.append(float_row(backend, "encoder", f"KV after {label}", want64[f"KV after {label}"],

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dg_runtime.generate import DiffusionGemma
+from dg_runtime.kv_state import STATE_FEED
 
 REPORT_FILE = "quality.json"
 PROMPT_COUNT, PROMPT_SEED = 8, 12345  # how many held-out problems the exporter measures on, drawn from which seed
@@ -43,10 +44,11 @@ class TeacherForced:
         self.model.graph.session = self.session
 
     def run(self, names, feeds):
-        fresh = {k: v for k, v in feeds.items() if not k.startswith("past.")}
+        fresh = {k: v for k, v in feeds.items() if not k.startswith("past.") and k != STATE_FEED}  # the model's cache
         reference = self.reference.graph
         if not feeds["denoising"]:
-            self.cache.append(reference.run(reference.present_names, {**fresh, **self.cache.feeds()}))
+            self.cache.append(reference.run(reference.present_names, {**fresh, **self.cache.feeds()}),
+                              fresh["input_ids"].shape[1])
             return self.session.run(names, feeds)
         extra = ["logits"] if self.with_logits else []
         outputs = self.session.run([*names, *extra], feeds)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError, BackendUnavailable, NotEnoughMemory, SettingError, UserError
+from .kv_state import KVState
 from .static_shapes import StaticShapes
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -252,9 +253,11 @@ def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", 
     else:
         session = OpenVinoGraph(folder / entry["graphs"][graph], folder / entry["weights"], device, precision,
                                 manifest["openvino"]["inference_precision"], threads)
+    model, settings = manifest["model"], manifest["openvino"] if fmt == "openvino" else {}
+    if settings.get("kv_state"):  # its inputs are the stateless graph's, the past taken into the state
+        session = KVState(session, model["kv_layout"], model["sliding_window"])
     expected = [i["name"] for i in manifest["graphs"][graph]["inputs"]]
     if sorted(session.input_names) != sorted(expected):
         raise ArtifactError(f"{fmt} graph {graph} has inputs {session.input_names}, the manifest lists {expected}: "
                             "the artifact is inconsistent; re-export it", folder)
-    static = manifest["openvino"].get("static") if fmt == "openvino" else None
-    return StaticShapes(session, static, manifest["model"]["kv_layout"]) if static else session
+    return StaticShapes(session, settings["static"], model["kv_layout"]) if settings.get("static") else session

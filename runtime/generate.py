@@ -195,7 +195,7 @@ class DiffusionGemma:
         self.load_ms = (time.perf_counter() - started) * 1000
 
     def new_cache(self, batch: int = 1) -> KVCache:
-        return KVCache(self.kv_layout, self.sliding_window, batch)
+        return self.graph.new_cache(self.kv_layout, self.sliding_window, batch)
 
     # --- token ids in, token ids out ---------------------------------------------------------------------------
 
@@ -212,6 +212,10 @@ class DiffusionGemma:
         if settings.fast and batch > 1:
             raise SettingError(f"{{fast}} mode generates one row at a time (got {batch}); run the rows one by one "
                                "or leave {fast} out", "fast", value=True)
+        if settings.fast and self.graph.kv_state:
+            raise SettingError("{fast} mode adds settled canvas positions to the KV, which this artifact keeps in "
+                               "OpenVINO's state (recipe openvino.kv_state): leave {fast} out, or choose {backend} "
+                               "onnxruntime or an artifact without kv_state", "fast", value=True)
         cache = cache if cache is not None else self.new_cache(batch)
         self.check_length(cache.length + input_ids.shape[1], settings)
         noise = noise or NoiseSource(seed)

@@ -8,6 +8,7 @@ import numpy as np
 
 from .backends import release_mapped_pages, releasing_mapped_pages, resident_bytes, trim_heap
 from .kv_cache import KVCache
+from .kv_state import KVState
 
 STEP_OUTPUTS = ["argmax", "sampled", "entropy", "next_soft_embedding"]
 # The backends pack weights while loading (ONNX Runtime) or on first use (OpenVINO: when a node first runs; an
@@ -33,7 +34,9 @@ class ModelGraph:
         """`weights_file`: the mapped file whose pages the first runs release (None: none)."""
         self.session, self.hidden_size, self.encode_chunk = session, hidden_size, encode_chunk
         self.weights_file = weights_file
-        self.present_names = [n for n in session.output_names if n.startswith("present.")]
+        # A graph that keeps its KV in OpenVINO's state appends it there itself: its new KV is not read out
+        self.kv_state = session if isinstance(session, KVState) else None
+        self.present_names = [] if self.kv_state else [n for n in session.output_names if n.startswith("present.")]
         self.runs, self.settled = 0, 0  # the resident bytes the last upkeep left
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -49,6 +52,9 @@ class ModelGraph:
             release_mapped_pages(self.weights_file)
             self.settled = resident_bytes()
         return results
+
+    def new_cache(self, kv_layout: list[dict], sliding_window: int, batch: int) -> KVCache:
+        return self.kv_state.new_cache(batch) if self.kv_state else KVCache(kv_layout, sliding_window, batch)
 
     def encoder_feeds(self, cache: KVCache, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Causal mode over tokens not yet cached; the head reads only the last one."""
@@ -67,7 +73,7 @@ class ModelGraph:
         for start in range(0, ids.shape[1], self.encode_chunk):
             chunk = ids[:, start: start + self.encode_chunk]
             *presents, argmax = self.run([*self.present_names, "argmax"], self.encoder_feeds(cache, chunk))
-            cache.append(presents)
+            cache.append(presents, chunk.shape[1])
         return None if argmax is None else argmax[:, -1]
 
     @staticmethod

@@ -36,10 +36,10 @@ class KVCache:
     def feeds(self) -> dict[str, np.ndarray]:
         return {f"past.{i // 2}.{('key', 'value')[i % 2]}": t for i, t in enumerate(self.tensors)}
 
-    def append(self, presents: list[np.ndarray]) -> None:
-        """Add the encoder's KV for the new tokens, then trim the sliding layers to their window."""
+    def append(self, presents: list[np.ndarray], count: int) -> None:
+        """Add the encoder's KV for `count` new tokens, then trim the sliding layers to their window."""
         for i, new in enumerate(presents):
             merged = np.concatenate([self.tensors[i], new], axis=2)
             keep = self.keep[i // 2]
             self.tensors[i] = merged[:, :, -keep:] if keep is not None and merged.shape[2] > keep else merged
-        self.length += presents[0].shape[2]
+        self.length += count

@@ -43,7 +43,7 @@ class StaticShapes:
                      "position_ids": feeds["position_ids"][:, start:stop],
                      "sample_uniform": feeds["sample_uniform"][:, head - (new - stop) - rows: head - (new - stop)]}
             results = dict(zip([*outputs, *presents], self.run_padded([*outputs, *presents], chunk)))
-            cache.append([results[n] for n in presents])
+            cache.append([results[n] for n in presents], stop - start)
             parts.append([results[n] for n in outputs])
         return [np.concatenate(chunks, axis=2 if name.startswith("present.") else 1)
                 for name, chunks in zip(outputs, zip(*parts))]

@@ -247,7 +247,7 @@ def test_prefix_cache_keeps_the_longest_prefix_within_its_budget():
 
     def cache_of(tokens):
         cache = KVCache(layout, 8, 1)
-        cache.append([np.full((1, 1, len(tokens), 4), float(len(tokens)), np.float32)] * 2)
+        cache.append([np.full((1, 1, len(tokens), 4), float(len(tokens)), np.float32)] * 2, len(tokens))
         return cache
 
     per_token = 2 * 4 * 4
@@ -258,7 +258,7 @@ def test_prefix_cache_keeps_the_longest_prefix_within_its_budget():
     assert length == 4 and cache.length == 4
     assert prefixes.longest_prefix([1, 2, 3, 4])[1] == 2  # at least one token is left to encode
     assert prefixes.longest_prefix([9, 1, 2])[1] == 0
-    cache.append([np.zeros((1, 1, 1, 4), np.float32)] * 2)  # a copy: the stored one is unchanged
+    cache.append([np.zeros((1, 1, 1, 4), np.float32)] * 2, 1)  # a copy: the stored one is unchanged
     assert prefixes.longest_prefix([1, 2, 3, 4, 5])[0].length == 4
     prefixes.add([7, 7, 7, 7, 7], cache_of([7] * 5))  # over the budget: the least recently used goes
     assert prefixes.bytes <= 10 * per_token and prefixes.longest_prefix([1, 2, 3])[1] == 0
