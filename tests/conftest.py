@@ -1,5 +1,6 @@
 """Tiny DiffusionGemma checkpoints built from configs, exported once per test session."""
 
+import json
 import os
 import threading
 import time
@@ -131,3 +132,17 @@ def write_byte_fallback_bpe(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     return folder
+
+
+def openvino_pairs(root: Path, recipe: dict) -> dict[str, tuple[Path, Path]]:
+    """name -> (the dynamic, stateless OpenVINO artifact, the same exported with `recipe`) of the demo model and a
+    held-out config; the demo's `recipe` export is validated against transformers in full."""
+    recipe_file = root / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe))
+    pairs = {}
+    for name, source in (("demo", "builtin:tiny"), ("gqa-window12", make_checkpoint(root / "gqa", "gqa-window12", True))):
+        plain = export(source, root / f"{name}-plain.dg", formats=["openvino"], validation=None)
+        pairs[name] = plain, export(source, root / f"{name}-recipe.dg", recipe=str(recipe_file),
+                                    validation="full" if name == "demo" else None)
+    return pairs
+

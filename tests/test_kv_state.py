@@ -9,7 +9,7 @@ import openvino as ov
 import pytest
 from openai import OpenAI
 
-from conftest import make_checkpoint, serving
+from conftest import openvino_pairs, serving
 from dg_export import export
 from dg_runtime import Chat, Settings, UserError, load
 from dg_runtime.kv_state import KVState
@@ -21,15 +21,7 @@ STATE_F32 = {"description": "the KV cache as state, f32", "formats": ["openvino"
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """name -> (stateless OpenVINO artifact, the same with its KV in state) of the demo model and a held-out config."""
-    root = tmp_path_factory.mktemp("kv-state")
-    recipe = root / "state-f32.json"
-    recipe.write_text(json.dumps(STATE_F32))
-    pairs = {}
-    for name, source in (("demo", "builtin:tiny"), ("gqa-window12", make_checkpoint(root / "gqa", "gqa-window12", True))):
-        stateless = export(source, root / f"{name}-stateless.dg", formats=["openvino"], validation=None)
-        pairs[name] = stateless, export(source, root / f"{name}-state.dg", recipe=str(recipe),
-                                        validation="full" if name == "demo" else None)
-    return pairs
+    return openvino_pairs(tmp_path_factory.mktemp("kv-state"), STATE_F32)
 
 
 def test_the_ir_keeps_its_past_in_variables(pair):

@@ -8,7 +8,7 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from conftest import make_checkpoint
+from conftest import openvino_pairs
 from dg_export import export
 from dg_runtime import Chat, Settings, UserError, load
 
@@ -19,15 +19,7 @@ STATIC_F32 = {"description": "static shapes in f32", "formats": ["openvino"], "w
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """name -> (dynamic OpenVINO artifact, static artifact) of the demo model and a held-out config, both f32."""
-    root = tmp_path_factory.mktemp("static")
-    recipe = root / "static-f32.json"
-    recipe.write_text(json.dumps(STATIC_F32))
-    pairs = {}
-    for name, source in (("demo", "builtin:tiny"), ("gqa-window12", make_checkpoint(root / "gqa", "gqa-window12", True))):
-        dynamic = export(source, root / f"{name}-dynamic.dg", formats=["openvino"], validation=None)
-        pairs[name] = dynamic, export(source, root / f"{name}-static.dg", recipe=str(recipe),
-                                      validation="full" if name == "demo" else None)
-    return pairs
+    return openvino_pairs(tmp_path_factory.mktemp("static"), STATIC_F32)
 
 
 @pytest.mark.parametrize("name", ["demo", "gqa-window12"])
