@@ -238,6 +238,48 @@ def embed_tokens(g: Graph, ids: str, c: "ModelShape") -> str:
         return g.op("Mul", rows, g.const(c.hidden**0.5, np.float32))
 
 
+def place_image_features(g: Graph, input_ids: str, embedded: str, features: str, c: "ModelShape") -> str:
+    """DiffusionGemmaEncoderModel's masked_scatter: the embeddings of the image tokens replaced by the image
+    features ([image tokens, hidden], row by row of the batch, then in order). Image tokens beyond the features
+    (none, when no image is given) keep their embedding, as transformers' do when it gets no pixels."""
+    with g.scope("image_features"):
+        image = image_tokens(g, input_ids, features, c)
+        flat = g.op("Reshape", image, g.const([-1]))
+        count = g.op("Gather", g.op("Shape", features), g.const(0), axis=0)
+        order = g.op("Sub", g.op("CumSum", g.op("Cast", flat, to=TensorProto.INT64), g.const(0)), g.const(1))
+        rows = g.op("Concat", features, g.const(np.zeros((1, c.hidden)), np.float32), axis=0)  # text rows read this
+        placed = g.op("Gather", rows, g.op("Where", flat, order, count), axis=0)
+        placed = g.op("Reshape", placed, g.op("Shape", embedded))
+        return g.op("Where", g.op("Unsqueeze", image, g.const([-1])), placed, embedded)
+
+
+def image_tokens(g: Graph, input_ids: str, features: str, c: "ModelShape") -> str:
+    """[B, T] booleans: image tokens, when image features are given (transformers' mm_token_type_ids)."""
+    given = g.op("Greater", g.op("Gather", g.op("Shape", features), g.const(0), axis=0), g.const(0))
+    return g.op("And", g.op("Equal", input_ids, g.const(c.image_token_id)), given)
+
+
+def same_image(g: Graph, input_ids: str, features: str, c: "ModelShape") -> str:
+    """[B, T, T] booleans: both tokens belong to the same image (a run of image tokens is one image), which
+    `use_bidirectional_attention: "vision"` lets see each other both ways, past the sliding window too."""
+    with g.scope("same_image"):
+        image = image_tokens(g, input_ids, features, c)
+        counted = g.op("Cast", image, to=TensorProto.INT64)
+        before = g.op("Pad", g.op("Slice", counted, g.const([0]), g.const([-1]), g.const([1])), g.const([0, 1, 0, 0]))
+        group = g.op("CumSum", g.op("Cast", g.op("Greater", counted, before), to=TensorProto.INT64), g.const(1))
+        same = g.op("Equal", g.op("Unsqueeze", group, g.const([2])), g.op("Unsqueeze", group, g.const([1])))
+        both = g.op("And", g.op("Unsqueeze", image, g.const([2])), g.op("Unsqueeze", image, g.const([1])))
+        return g.op("And", same, both)
+
+
+def with_past(g: Graph, new_keys: str, past_key: str) -> str:
+    """A [B, T, T] mask over the new tokens as [B, 1, 1, T, past + T]: no past key is set."""
+    shape = g.op("Concat", g.op("Slice", g.op("Shape", new_keys), g.const([0]), g.const([2])),
+                 g.op("Slice", g.op("Shape", past_key), g.const([2]), g.const([3])), axis=0)
+    past = g.op("Expand", g.const(False, np.bool_), shape)
+    return g.op("Unsqueeze", g.op("Concat", past, new_keys, axis=2), g.const([1, 2]))
+
+
 def rotary_emb(g: Graph, position_ids: str, inv_freq: np.ndarray, layer_type: str) -> tuple[str, str]:
     """DiffusionGemmaTextRotaryEmbedding for one layer type: cos and sin [B, T, 1, head_dim]."""
     with g.scope(f"rotary_emb.{layer_type}"):
@@ -494,6 +536,8 @@ class ModelShape:
         self.lm_head = f"{self.embed_prefix}.embed_tokens.weight" if tied else "lm_head.weight"
         self.inv_freq = rotary_frequencies(text)
         self.expert_rows = self.vocab_rows = None  # all of them; validation narrows these to samples
+        self.image_token_id = config.image_token_id
+        self.bidirectional_images = getattr(text, "use_bidirectional_attention", None) == "vision"
 
     def sample(self, experts: tuple[int, int] | None = None, vocab: tuple[int, int] | None = None) -> "ModelShape":
         """The same model restricted to a range of its experts and of its vocabulary."""
@@ -529,6 +573,10 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx", moe: s
     past = [inputs[e["name"]] for e in spec["inputs"] if e["name"].startswith("past.")]
 
     tokens = embed_tokens(g, input_ids, c)
+    features = inputs.get("image_features")
+    if features:
+        tokens = place_image_features(g, input_ids, tokens, features, c)
+        images_see_each_other = same_image(g, input_ids, features, c) if c.bidirectional_images else None
     x = g.op("Where", denoising, canvas_embedding(g, tokens, inputs["soft_embedding"], c), tokens)
     rope = {t: rotary_emb(g, position_ids, c.inv_freq[t], t) for t in sorted(set(c.layer_types))}
     static = "new_tokens" in inputs  # fixed shapes, padded: counts say what is real (graphs.static_graph_specs)
@@ -539,6 +587,8 @@ def build_model(c: ModelShape, spec: dict, weights, target: str = "onnx", moe: s
             filled = inputs[f"past_{layer_type.split('_')[0]}_length"] if static else None
             # The canvas sees every cached key and itself, bidirectionally.
             masks[layer_type] = g.op("Or", causal_mask(g, position_ids, past[2 * i], window, filled), denoising)
+            if features and c.bidirectional_images:
+                masks[layer_type] = g.op("Or", masks[layer_type], with_past(g, images_see_each_other, past[2 * i]))
             if static:
                 masks[layer_type] = g.op("And", masks[layer_type],
                                          real_keys(g, past[2 * i], input_ids, filled, inputs["new_tokens"]))
@@ -731,11 +781,18 @@ def sample_block(vocab: int) -> int:
 
 
 def build_graphs(config, weights, target: str = "onnx", moe: str = "sorted",
-                 static: dict | None = None) -> dict[str, onnx.ModelProto]:
+                 static: dict | None = None, images: bool = False) -> dict[str, onnx.ModelProto]:
     """The artifact's graphs for one target ("onnx" or "openvino": they differ in quantized weights, the head of a
     large vocabulary and, with `moe` "tiled", the routed experts); `static`: sizes (graphs.static_shapes) that fix
-    every shape, OpenVINO's tiled MoE only (the sorted form's shapes follow the routing)."""
+    every shape, OpenVINO's tiled MoE only (the sorted form's shapes follow the routing); `images`: the vision graph
+    too, and the model graph takes image features."""
     if moe not in MOE_FORMS or (moe == "tiled" and target != "openvino") or (static and moe != "tiled"):
         raise ValueError(f"no MoE form {moe!r} for {target}{' with static shapes' if static else ''}")
-    shape, specs = ModelShape(config), static_graph_specs(config, static) if static else graph_specs(config)
-    return {"model": build_model(shape, specs["model"], weights, target, moe)}
+    shape = ModelShape(config)
+    specs = static_graph_specs(config, static) if static else graph_specs(config, images=images)
+    graphs = {"model": build_model(shape, specs["model"], weights, target, moe)}
+    if images:
+        from .vision import build_vision_model
+
+        graphs["vision"] = build_vision_model(config, weights, target)
+    return graphs

@@ -58,6 +58,8 @@ def add_output_options(parser) -> None:
     quant.add_argument("--sym", action="store_true", default=None,
                        help="symmetric int4 (no zero points; what NPUs ask for); default asymmetric")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    parser.add_argument("--text-only", action="store_true",
+                        help="leave the vision tower out (exported by default when the checkpoint has one)")
     parser.add_argument("--validation", choices=["auto", "full", "by-layer"], default="auto",
                         help="compare with transformers as a whole model, or one layer at a time in bounded memory "
                              "(auto: full where it fits in 4 GB)")
@@ -84,7 +86,7 @@ def export_from_args(args, model: str) -> None:
 
     export(model, args.output, recipe=args.recipe, formats=FORMATS[args.format] if args.format else None,
            weight_format=args.weight_format, group_size=args.group_size, sym=args.sym, ratio=args.ratio,
-           overwrite=args.overwrite,
+           overwrite=args.overwrite, text_only=args.text_only,
            validation=None if args.no_validate else args.validation, atol=args.atol)
 
 

@@ -37,7 +37,7 @@ def _kv_tensors(layout, prefix: str, length_axis) -> list[dict]:
     return tensors
 
 
-def graph_specs(config, logits: bool | None = None) -> dict:
+def graph_specs(config, logits: bool | None = None, images: bool = False) -> dict:
     """The artifact's one graph. The encoder and the denoiser are the same layers with other masks, layer scalars and
     inputs, so one graph runs both and its weights are loaded once: `denoising` picks the mode.
 
@@ -49,13 +49,15 @@ def graph_specs(config, logits: bool | None = None) -> dict:
     the whole canvas when denoising, the last token when encoding (its argmax is the autoregressive next token).
     The next soft embedding is computed only when denoising ([B, 0, H] otherwise). The logits are an output unless
     the head is large (`logits` None) or as asked.
+    With `images`, the model graph also takes `image_features` (the vision graph's output for the image tokens
+    among the new tokens; none: [0, hidden]), and the vision graph is listed.
     """
     text = config.text_config
     layout = kv_layout(text)
     if logits is None:
         logits = not large_head(config)
     hidden, vocab = text.hidden_size, text.vocab_size
-    return {
+    specs = {
         "model": {
             "inputs": [
                 {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
@@ -76,6 +78,12 @@ def graph_specs(config, logits: bool | None = None) -> dict:
             ],
         },
     }
+    if images:
+        from .vision import vision_specs
+
+        specs["model"]["inputs"].append({"name": "image_features", "dtype": "float32", "shape": ["image_tokens", hidden]})
+        specs["vision"] = vision_specs(config)
+    return specs
 
 
 def static_shapes(config, static: dict) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dg_quantize.roles import Precision, role_of
-from dg_runtime.artifact import FORMAT_VERSION, GRAPH_NAMES, write_manifest
+from dg_runtime.artifact import FORMAT_VERSION, write_manifest
 from dg_runtime.errors import UserError
 
 from . import __version__
@@ -36,7 +36,7 @@ VALIDATIONS = ("auto", "full", "by-layer")
 def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, recipe: str = DEFAULT_RECIPE,
            formats: Sequence[str] | None = None, weight_format: str | None = None, group_size: int | None = None,
            sym: bool | None = None, ratio: float | None = None, overwrite: bool = False, validation: str | None = "auto",
-           atol: float = 1e-4) -> Path:
+           atol: float = 1e-4, text_only: bool = False) -> Path:
     """Export `model` (a checkpoint folder, a hub id, `builtin:tiny`, `synthetic:FOLDER`, or an fp32/fp16 artifact
     to quantize) to the artifact folder `output` (default ./<model name>.dg) and return its path.
 
@@ -44,6 +44,7 @@ def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, 
     int4), group_size (-1: per channel, OpenVINO only), sym and ratio (the share of int4 weights kept int4, the rest
     int8) override it. validation: "auto" (full where transformers' model fits in 4 GB, else
     by layer), "full", "by-layer", or None for none. atol: validation's floor (see dg_export.validate).
+    text_only: leave the vision tower out (it is exported when the checkpoint has one, see `takes_images`).
     The folder appears whole or not at all: the export writes a hidden staging folder beside it and renames it.
     Progress goes to stderr; UserError says what is wrong with the input."""
     model = str(model)
@@ -80,7 +81,7 @@ def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, 
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared like any folder
     (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
-        summary = write_artifact(source, chosen, precision, formats, staging, validation, atol)
+        summary = write_artifact(source, chosen, precision, formats, staging, validation, atol, text_only)
         (staging / OWNER_FILE).unlink()
         if output.exists():
             old = staging.with_name(staging.name + ".old")
@@ -198,8 +199,36 @@ def remove_stale_staging(output: Path) -> None:
         print(f"dg-export: removed {staging.name}, left behind by an export that was killed", file=sys.stderr)
 
 
+def takes_images(config, checkpoint, static: bool) -> bool:
+    """Whether the artifact gets the vision path: the config has a vision tower whose tensors the checkpoint holds,
+    its image tokens are in the vocabulary, and the shapes are not static (the NPU form is text-only for now)."""
+    from .weights import expected_shapes
+
+    if config.vision_config is None or static:
+        return False
+    tower = [name for name in expected_shapes(config, images=True) if "vision" in name]
+    ids = (config.image_token_id, config.boi_token_id, config.eoi_token_id)
+    return all(name in checkpoint for name in tower) and max(ids) < config.text_config.vocab_size
+
+
+def vision_entry(config, folder: Path) -> dict:
+    """What the runtime needs to turn an image into the vision graph's inputs and place its tokens."""
+    processor = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            found = json.loads((folder / name).read_text())
+            processor = found.get("image_processor", found)
+            break
+    vision = config.vision_config
+    return {"patch_size": vision.patch_size, "pooling_kernel": vision.pooling_kernel_size,
+            "max_soft_tokens": processor.get("max_soft_tokens", 280),
+            "position_embedding_size": vision.position_embedding_size, "image_token_id": config.image_token_id,
+            "boi_token_id": config.boi_token_id, "eoi_token_id": config.eoi_token_id,
+            "bidirectional": getattr(config.text_config, "use_bidirectional_attention", None) == "vision"}
+
+
 def write_artifact(source: Source, recipe: dict, precision: Precision, formats: list[str], staging: Path,
-                   validation: str | None, atol: float) -> str:
+                   validation: str | None, atol: float, text_only: bool = False) -> str:
     import onnx
 
     from .builder import build_graphs
@@ -211,7 +240,8 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
     with progress.stage(f"reading {source.model}"):
         config = load_config(source.folder)
         checkpoint = source.checkpoint(config)
-        shapes = expected_shapes(config)
+        images = not text_only and takes_images(config, checkpoint, "static" in recipe["openvino"])
+        shapes = expected_shapes(config, images)
     text = config.text_config
 
     params = sum(int(np.prod(checkpoint.shape(n))) for n in checkpoint.names() if n in shapes)
@@ -226,12 +256,12 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
         quantizing = f", quantizing to {precision.label()}" if precision.quantized else ""
         with progress.stage(f"building graphs and streaming weights{quantizing}"):
             weights.progress = progress_bar(params * 4, "weights read")
-            graphs = build_graphs(config, weights) if "onnx" in formats else {}
+            graphs = build_graphs(config, weights, images=images) if "onnx" in formats else {}
             # Quantized weights are read by different kernels on OpenVINO (same bytes), and a tiled MoE block is
             # OpenVINO's alone: its own graphs then.
             if "openvino" in formats:
                 own = precision.quantized or moe == "tiled" or not graphs
-                openvino_sources = build_graphs(config, weights, "openvino", moe, static) if own else graphs
+                openvino_sources = build_graphs(config, weights, "openvino", moe, static, images) if own else graphs
             weights.progress.close()
             for graph, model in graphs.items():
                 onnx.save(model, str(staging / f"{graph}.onnx"))
@@ -243,8 +273,9 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
 
         with progress.stage("converting graphs to OpenVINO IR"):
             for graph, model in openvino_sources.items():
-                kv_state = (kv_layout(text), text.sliding_window) if recipe["openvino"].get("kv_state") else None
-                openvino_graphs.convert(model, staging / f"{graph}.xml", staging / WEIGHTS_FILE, kv_state)
+                kv_state = recipe["openvino"].get("kv_state") and graph == "model"
+                openvino_graphs.convert(model, staging / f"{graph}.xml", staging / WEIGHTS_FILE,
+                                        (kv_layout(text), text.sliding_window) if kv_state else None)
 
     with progress.stage("copying config and tokenizer"):
         for name in ("config.json", *TOKENIZER_FILES, *OPTIONAL_FILES):
@@ -266,7 +297,7 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
         "exporter": {"name": "dg-export", "version": __version__, **library_versions()},
         "source": {"model": source.model,
                    "revision": source.raw_config.get("_commit_hash") or folder_revision(source.folder)},
-        "modalities": ["text"],
+        "modalities": ["text", "image"] if images else ["text"],
         "model": {
             "architecture": "DiffusionGemmaForBlockDiffusion",
             "canvas_length": config.canvas_length,
@@ -284,12 +315,13 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
         "weights": {"roles": precision.summary(), "stored_bytes": weights.stored_bytes(),
                     "tensors": {name: scheme.record() for name, scheme in sorted(weights.schemes.items())}},
         "openvino": {**recipe["openvino"], **({"static": static} if static else {})},
-        "graphs": static_graph_specs(config, static) if static else graph_specs(config),
+        "graphs": static_graph_specs(config, static) if static else graph_specs(config, images=images),
         "formats": {},
+        **({"vision": vision_entry(config, source.folder)} if images else {}),
     }
     for fmt, suffix in (("onnx", "onnx"), ("openvino", "xml")):
         if fmt in formats:
-            manifest["formats"][fmt] = {"graphs": {g: f"{g}.{suffix}" for g in GRAPH_NAMES}, "weights": WEIGHTS_FILE}
+            manifest["formats"][fmt] = {"graphs": {g: f"{g}.{suffix}" for g in manifest["graphs"]}, "weights": WEIGHTS_FILE}
 
     if validation is not None:
         from .plan import count_parameters, export_estimate
@@ -424,9 +456,11 @@ def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends:
         for file in staging.iterdir():
             if file.is_file() and file.suffix not in (".onnx", ".xml", ".bin") and not file.name.startswith("."):
                 shutil.copy2(file, reference / file.name)
-        write_manifest(reference, {**manifest, "precision": "fp32", "weights": {}, "graphs": graph_specs(config),
+        text_only = {k: v for k, v in manifest.items() if k != "vision"}
+        write_manifest(reference, {**text_only, "modalities": ["text"], "precision": "fp32", "weights": {},
+                                   "graphs": graph_specs(config),
                                    "openvino": {k: v for k, v in manifest["openvino"].items() if k != "static"},
-                                   "formats": {"onnx": {"graphs": {g: f"{g}.onnx" for g in GRAPH_NAMES},
+                                   "formats": {"onnx": {"graphs": {"model": "model.onnx"},
                                                         "weights": WEIGHTS_FILE}}})
         write_manifest(staging, manifest)  # the runtime opens artifacts by their manifest
         # held-out demo problems: in the demo model's domain, as good as any text for random weights

@@ -95,8 +95,9 @@ def probability_margin(logits: np.ndarray, row: int, position: int) -> float:
     return float(top[1] - top[0])
 
 
-def generate_with_noise(model, input_ids: np.ndarray, settings: Settings, noise: NoiseSource):
+def generate_with_noise(model, input_ids: np.ndarray, settings: Settings, noise: NoiseSource, **images):
     """transformers' generate, drawing its canvases, renoise tokens and samples from `noise` in the runtime's order.
+    `images`: pixel_values, image_position_ids and mm_token_type_ids, as its processor makes them.
 
     Returns the generated tokens [B, blocks * canvas] and the DraftRecorder (every step's processed logits).
     """
@@ -115,5 +116,6 @@ def generate_with_noise(model, input_ids: np.ndarray, settings: Settings, noise:
             sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=settings.entropy_bound),
             t_max=settings.t_max, t_min=settings.t_min, stability_threshold=settings.stability_threshold,
             confidence_threshold=settings.confidence_threshold,
+            **{name: torch.from_numpy(value) for name, value in images.items()},
         )
     return out.sequences[:, input_ids.shape[1]:].numpy(), recorder

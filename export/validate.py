@@ -171,7 +171,31 @@ def validate(model, folder, manifest: dict, backends: list[str], atol: float, ba
         actual = dict(zip(names, graph.run(names, graph.denoiser_feeds(kv, canvas_ids, soft, positions, temperature,
                                                                          uniform))))
         rows += step_rows(backend, "denoiser", want64["step"], want32["step"], actual, temperature, uniform, atol)
+    if "vision" in manifest:
+        rows += vision_rows(model, folder, manifest, backends, atol, rng)
     return mark_ok(rows)
+
+
+def vision_rows(model, folder, manifest: dict, backends: list[str], atol: float, rng) -> list[dict]:
+    """The vision graph against transformers' vision tower and embedder (`get_image_features`) on random pixels:
+    an image of 2 x 3 pooled blocks of patches."""
+    v = manifest["vision"]
+    rows, columns = 2 * v["pooling_kernel"], 3 * v["pooling_kernel"]
+    pixels = rng.random((1, rows * columns, 3 * v["patch_size"] ** 2), dtype=np.float32)
+    column, row = np.meshgrid(np.arange(columns), np.arange(rows), indexing="xy")
+    positions = np.stack([column.ravel(), row.ravel()], axis=1)[None].astype(np.int64)
+    expected = []
+    for reference_model in (float64_twin(model), model):
+        with torch.no_grad():
+            dtype = next(reference_model.parameters()).dtype
+            expected.append(reference_model.model.encoder.get_image_features(
+                torch.from_numpy(pixels).to(dtype), torch.from_numpy(positions)).pooler_output.numpy())
+    found = []
+    for backend in backends:
+        session = open_graph(folder, manifest, backend, precision="f32", graph="vision")
+        (features,) = session.run(["image_features"], {"pixel_values": pixels, "pixel_positions": positions})
+        found.append(float_row(backend, "vision", "image_features", *expected, features[0], atol))
+    return found
 
 
 # --- by layer: for checkpoints too large to hold, one layer's reference and graphs at a time ------------------

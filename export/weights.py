@@ -214,8 +214,9 @@ class Location:
         return tensor
 
 
-def expected_shapes(config) -> dict[str, tuple]:
-    """Every text tensor's shape as transformers builds it from the config (on the meta device: no memory)."""
+def expected_shapes(config, images: bool = False) -> dict[str, tuple]:
+    """Every text tensor's shape (and the vision tower's, with `images`) as transformers builds it from the config
+    (on the meta device: no memory)."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -223,7 +224,7 @@ def expected_shapes(config) -> dict[str, tuple]:
         model = DiffusionGemmaForBlockDiffusion(config)
     tied_head = getattr(config, "tie_word_embeddings", True)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()
-            if "vision" not in name and not (tied_head and name == "lm_head.weight")}
+            if (images or "vision" not in name) and not (tied_head and name == "lm_head.weight")}
 
 
 def progress_bar(total: int, description: str, unit: str = "B"):

@@ -21,6 +21,8 @@ DEFAULT_GROUP = 128  # optimum-cli's; narrowed per tensor where the width needs 
 
 def role_of(source: str) -> str:
     """The role of a checkpoint matrix, from its name."""
+    if "vision_tower" in source or "embed_vision" in source:
+        return "vision"  # not one of ROLES: kept at fp32 (Precision.scheme)
     if "embed_tokens" in source or source == "lm_head.weight":
         return "embedding"
     if ".self_attn." in source:
@@ -75,7 +77,8 @@ class Precision:
 
     def scheme(self, source: str, shape: tuple) -> Scheme:
         """How a tensor of this name and shape is stored: vectors in fp32, matrices as their role says."""
-        format_ = self.formats[role_of(source)] if len(shape) > 1 else "fp32"
+        role = role_of(source)
+        format_ = self.formats[role] if len(shape) > 1 and role in self.formats else "fp32"
         if format_ == "int4" and source in self.backup:
             return Scheme("int8")
         if format_ != "int4":

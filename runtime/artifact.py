@@ -12,7 +12,6 @@ from .errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 3  # 2: one graph for the encoder and the denoiser; 3: the int8 embedding stored int8
-GRAPH_NAMES = ("model",)
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:

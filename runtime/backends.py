@@ -253,7 +253,8 @@ def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", 
     else:
         session = OpenVinoGraph(folder / entry["graphs"][graph], folder / entry["weights"], device, precision,
                                 manifest["openvino"]["inference_precision"], threads)
-    model, settings = manifest["model"], manifest["openvino"] if fmt == "openvino" else {}
+    # the KV cache as state and static shapes are the model graph's (the vision graph is plain)
+    model, settings = manifest["model"], manifest["openvino"] if fmt == "openvino" and graph == "model" else {}
     if settings.get("kv_state"):  # its inputs are the stateless graph's, the past taken into the state
         session = KVState(session, model["kv_layout"], model["sliding_window"])
     expected = [i["name"] for i in manifest["graphs"][graph]["inputs"]]

@@ -192,7 +192,48 @@ class DiffusionGemma:
                                 encode_chunk=static["tokens"] if static else self.canvas_length)
         if static:  # the cache holds what the shapes were fixed for
             self.max_positions = min(self.max_positions, static["past_full"])
+        self.vision = self.manifest.get("vision")  # the image path's sizes and token ids (None: text only)
+        self._vision_graph, self._options = None, (device, threads, precision)
         self.load_ms = (time.perf_counter() - started) * 1000
+
+    # --- images ------------------------------------------------------------------------------------------------
+
+    def image_features(self, images: Sequence) -> tuple[np.ndarray, list[int]]:
+        """The vision graph's features of `images` (paths, bytes or PIL images) one after another ([tokens, hidden]),
+        and how many image tokens each one takes in the prompt (see `image_ids`)."""
+        from .images import ImageSpec, open_image, patches
+
+        if not self.vision:
+            raise UserError("this artifact takes no images (it was exported text-only); give text only, or export a "
+                            "checkpoint with a vision tower")
+        if self._vision_graph is None:  # opened on first use: text-only callers never pay for the tower
+            self._vision_graph = open_graph(self.folder, self.manifest, self.backend, *self._options, graph="vision")
+        v = self.vision
+        spec = ImageSpec(v["patch_size"], v["pooling_kernel"], v["max_soft_tokens"])
+        features = []
+        for number, image in enumerate(images):
+            values, positions = patches(open_image(image, None if isinstance(image, (str, Path)) else
+                                                   f"image {number + 1}"), spec)
+            if positions.max() >= v["position_embedding_size"]:
+                raise UserError(f"image {number + 1} is {positions.max() + 1} patches across, more than this vision "
+                                f"tower's {v['position_embedding_size']} positions; crop it closer to square")
+            features.append(self._vision_graph.run(["image_features"], {"pixel_values": values[None],
+                                                                        "pixel_positions": positions[None]})[0][0])
+        return (np.concatenate(features) if features else np.zeros((0, self.hidden_size), np.float32),
+                [len(f) for f in features])
+
+    def image_ids(self, tokens: int) -> list[int]:
+        """What stands for an image of `tokens` image tokens in a prompt: begin, the image tokens, end."""
+        v = self.vision
+        return [v["boi_token_id"], *[v["image_token_id"]] * tokens, v["eoi_token_id"]]
+
+    def check_image_runs(self, input_ids: np.ndarray, counts: list[int]) -> None:
+        """The prompt's runs of image tokens (row by row) must be the images' token counts, in order."""
+        runs = [len(run) for row in input_ids for run in np.split(row, np.flatnonzero(np.diff(row)) + 1)
+                if run[0] == self.vision["image_token_id"]]
+        if runs != counts:
+            raise UserError(f"the prompt's image tokens come in runs of {runs}, the images take {counts}: place "
+                            "each image with DiffusionGemma.image_ids(tokens), in order")
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return self.graph.new_cache(self.kv_layout, self.sliding_window, batch)
@@ -200,9 +241,10 @@ class DiffusionGemma:
     # --- token ids in, token ids out ---------------------------------------------------------------------------
 
     def stream(self, input_ids, *, settings: Settings | None = None, seed: int = 0, cache: KVCache | None = None,
-               noise: NoiseSource | None = None) -> Iterator[Draft | Block | Done]:
+               noise: NoiseSource | None = None, images: Sequence = ()) -> Iterator[Draft | Block | Done]:
         """Generate after `input_ids` ([B, N] new tokens; `cache` holds what came before them and is extended in
-        place). Yields a Draft after every step, a Block after every committed block, and Done last."""
+        place). Yields a Draft after every step, a Block after every committed block, and Done last. `images`: the
+        images whose tokens (`image_ids`) the new tokens hold, in order."""
         settings = settings or self.defaults
         settings.check()
         if noise is None:
@@ -218,6 +260,10 @@ class DiffusionGemma:
                                "onnxruntime or an artifact without kv_state", "fast", value=True)
         cache = cache if cache is not None else self.new_cache(batch)
         self.check_length(cache.length + input_ids.shape[1], settings)
+        features = None
+        if images:
+            features, counts = self.image_features(images)
+            self.check_image_runs(input_ids, counts)
         noise = noise or NoiseSource(seed)
         stats = Stats(load_ms=self.load_ms)
         finished = np.zeros(batch, dtype=bool)
@@ -226,7 +272,8 @@ class DiffusionGemma:
 
         for index in range(math.ceil(settings.max_new_tokens / self.canvas_length)):
             encode_started = time.perf_counter()
-            self.graph.encode(cache, pending)
+            self.graph.encode(cache, pending, features if index == 0 else None,
+                              self.vision["image_token_id"] if features is not None else None)
             if index == 0:
                 stats.prefill_ms = (time.perf_counter() - encode_started) * 1000
 
@@ -317,9 +364,9 @@ class DiffusionGemma:
         return argmax, number, seconds, computed
 
     def generate(self, input_ids, *, settings: Settings | None = None, seed: int = 0, cache: KVCache | None = None,
-                 noise: NoiseSource | None = None) -> Done:
+                 noise: NoiseSource | None = None, images: Sequence = ()) -> Done:
         """Run `stream` to the end and return its Done event."""
-        for event in self.stream(input_ids, settings=settings, seed=seed, cache=cache, noise=noise):
+        for event in self.stream(input_ids, settings=settings, seed=seed, cache=cache, noise=noise, images=images):
             pass
         return event
 

@@ -38,6 +38,9 @@ class ModelGraph:
         self.kv_state = session if isinstance(session, KVState) else None
         self.present_names = [] if self.kv_state else [n for n in session.output_names if n.startswith("present.")]
         self.runs, self.settled = 0, 0  # the resident bytes the last upkeep left
+        # an artifact with the vision path takes image features (none: [0, hidden]) in every call
+        self.no_images = ({"image_features": np.zeros((0, hidden_size), np.float32)}
+                          if "image_features" in session.input_names else {})
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.runs += 1
@@ -63,22 +66,34 @@ class ModelGraph:
                 "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(cache.length, cache.length + new), ids.shape)),
                 "soft_embedding": np.zeros((batch, 1, self.hidden_size), np.float32),
                 "denoising": np.array(False), "temperature": np.array(1.0, np.float32),
-                "sample_uniform": np.zeros((batch, 1), np.float32), **cache.feeds()}
+                "sample_uniform": np.zeros((batch, 1), np.float32), **self.no_images, **cache.feeds()}
 
-    def encode(self, cache: KVCache, ids: np.ndarray) -> np.ndarray | None:
+    def encode(self, cache: KVCache, ids: np.ndarray, image_features: np.ndarray | None = None,
+               image_token_id: int | None = None) -> np.ndarray | None:
         """Append the KV of `ids` ([B, N]) to the cache, `encode_chunk` tokens a call (a long prompt's working
         memory stays that of a canvas; the cache holds what the next chunk may see, so the KV are the same);
-        returns the argmax after the last token ([B]): the autoregressive next token (None for no tokens)."""
-        argmax = None
-        for start in range(0, ids.shape[1], self.encode_chunk):
-            chunk = ids[:, start: start + self.encode_chunk]
-            *presents, argmax = self.run([*self.present_names, "argmax"], self.encoder_feeds(cache, chunk))
+        returns the argmax after the last token ([B]): the autoregressive next token (None for no tokens).
+        `image_features` ([image tokens, hidden]) replace the embeddings of the `image_token_id` tokens in order;
+        a chunk never ends inside an image (its tokens see each other)."""
+        argmax, start, used = None, 0, 0
+        while start < ids.shape[1]:
+            stop = min(start + self.encode_chunk, ids.shape[1])
+            feeds = {}
+            if image_features is not None:
+                while stop < ids.shape[1] and (ids[:, stop - 1: stop + 1] == image_token_id).all(axis=1).any():
+                    stop += 1  # past the end of an image that the chunk would cut
+                count = int((ids[:, start:stop] == image_token_id).sum())
+                feeds = {"image_features": image_features[used: used + count]}
+                used += count
+            chunk = ids[:, start:stop]
+            *presents, argmax = self.run([*self.present_names, "argmax"],
+                                         {**self.encoder_feeds(cache, chunk), **feeds})
             cache.append(presents, chunk.shape[1])
+            start = stop
         return None if argmax is None else argmax[:, -1]
 
-    @staticmethod
-    def denoiser_feeds(cache: KVCache, canvas: np.ndarray, soft: np.ndarray, positions: np.ndarray,
+    def denoiser_feeds(self, cache: KVCache, canvas: np.ndarray, soft: np.ndarray, positions: np.ndarray,
                        temperature: np.ndarray, uniform: np.ndarray) -> dict[str, np.ndarray]:
         """Bidirectional mode over the canvas; the head reads all of it."""
         return {"input_ids": canvas, "position_ids": positions, "soft_embedding": soft, "denoising": np.array(True),
-                "temperature": temperature, "sample_uniform": uniform, **cache.feeds()}
+                "temperature": temperature, "sample_uniform": uniform, **self.no_images, **cache.feeds()}

@@ -1,6 +1,9 @@
-"""The vision graph (export/vision.py) against transformers' own vision tower and embedder
-(`get_image_features`), on both backends: images of several sizes and aspect ratios, preprocessed by
-runtime/images.py, through a held-out tower (grouped KV heads, two layers, standardized features) and the demo's."""
+"""Images end to end against transformers, on both backends: the vision graph (export/vision.py) against its own
+vision tower and embedder (`get_image_features`) on images of several sizes and aspect ratios preprocessed by
+runtime/images.py, through a held-out tower (grouped KV heads, two layers, standardized features) and the demo's;
+and generation with images in the prompt against its `generate` with the same noise."""
+
+import json
 
 import numpy as np
 import onnx
@@ -8,12 +11,16 @@ import pytest
 import torch
 from PIL import Image
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-from dg_export.builtin import TEXT_CONFIG, TINY_VISION_CONFIG
+from dg_export import export
+from dg_export.builtin import GENERATION_CONFIG, TEXT_CONFIG, TINY_VISION_CONFIG, write_tokenizer
+from dg_export.reference import generate_with_noise
 from dg_export.checkpoint import Checkpoint
 from dg_export.source import load_config
 from dg_export.vision import build_vision_model
 from dg_export.weights import WEIGHTS_FILE, Weights
+from dg_runtime import DiffusionGemma, NoiseSource, Settings, UserError
 from dg_runtime.backends import OnnxRuntimeGraph, OpenVinoGraph
 from dg_runtime.images import ImageSpec, patches
 
@@ -27,23 +34,34 @@ TOWERS = {
 SIZES = [(50, 37), (20, 90), (64, 64), (90, 31)]  # grids within the demo tower's 64-entry position table
 
 
-@pytest.fixture(scope="module", params=sorted(TOWERS))
-def tower(request, tmp_path_factory):
-    """(transformers' model, {backend: vision graph session}, ImageSpec) for a checkpoint with this vision tower."""
-    root = tmp_path_factory.mktemp(request.param)
-    config = DiffusionGemmaConfig(text_config=TEXT_CONFIG, vision_config=TOWERS[request.param], canvas_length=32)
+def vision_checkpoint(folder, tower: dict, **config) -> DiffusionGemmaForBlockDiffusion:
+    """A seeded checkpoint with this vision tower, its weights large enough that a wrong op shows (the default
+    init is nearly zero); returns transformers' model of it."""
+    text = {**TEXT_CONFIG, **config.pop("text", {})}
+    model_config = DiffusionGemmaConfig(text_config=text, vision_config=tower, canvas_length=32, **config)
     torch.manual_seed(0)
-    model = DiffusionGemmaForBlockDiffusion(config).eval()
-    with torch.no_grad():  # weights large enough that a wrong op shows (the default init is nearly zero)
+    model = DiffusionGemmaForBlockDiffusion(model_config).eval()
+    with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "vision" in name:
                 parameter.normal_(0.0, 0.3)
+        model.get_input_embeddings().weight.normal_(0.0, 0.3)  # peaked outputs: no float near-ties
         for name, buffer in model.named_buffers():
             if "std_bias" in name:
                 buffer.normal_(0.0, 0.5)
             elif "std_scale" in name:
                 buffer.uniform_(0.5, 2.0)
-    model.save_pretrained(root / "checkpoint")
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32).eval()  # with its generation config
+
+
+@pytest.fixture(scope="module", params=sorted(TOWERS))
+def tower(request, tmp_path_factory):
+    """(transformers' model, {backend: vision graph session}, ImageSpec) for a checkpoint with this vision tower."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = vision_checkpoint(root / "checkpoint", TOWERS[request.param])
     loaded = load_config(root / "checkpoint")
     weights = Weights(root / WEIGHTS_FILE, Checkpoint(root / "checkpoint"))
     try:
@@ -57,7 +75,7 @@ def tower(request, tmp_path_factory):
     openvino_graphs.convert(openvino_graph, root / "vision.xml", root / WEIGHTS_FILE)
     sessions = {"onnxruntime": OnnxRuntimeGraph(root / "vision.onnx", None),
                 "openvino": OpenVinoGraph(root / "vision.xml", root / WEIGHTS_FILE, "CPU", None, "f32", None)}
-    vision = config.vision_config
+    vision = model.config.vision_config
     return model, sessions, ImageSpec(vision.patch_size, vision.pooling_kernel_size, 70)
 
 
@@ -75,3 +93,74 @@ def test_image_features_equal_transformers(tower, backend):
         assert features.shape == (1, len(values) // spec.pooling_kernel ** 2, model.config.text_config.hidden_size)
         assert np.abs(expected).max() > 1.0  # features of some size: a wrong op would show
         np.testing.assert_allclose(features[0], expected, atol=2e-5, rtol=1e-4)
+
+
+# image tokens inside the byte-level tokenizer's vocabulary (261 ids used of 264)
+IMAGE_IDS = {"boi_token_id": 261, "image_token_id": 262, "eoi_token_id": 263}
+
+def random_picture(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def with_images(tmp_path_factory):
+    """(transformers' model, the artifact) of a checkpoint whose image tokens see each other (past the sliding
+    window: 63 image tokens, window 64 less the text around them) and whose processor takes 70 tokens an image."""
+    root = tmp_path_factory.mktemp("with-images")
+    model = vision_checkpoint(root / "checkpoint", TOWERS["gqa-standardized"],
+                              text={"use_bidirectional_attention": "vision", "sliding_window": 24}, **IMAGE_IDS)
+    (root / "checkpoint" / "preprocessor_config.json").write_text(json.dumps({"max_soft_tokens": 70}))
+    return model, export(root / "checkpoint", root / "images.dg", formats=["onnx", "openvino"])
+
+
+def processed(images: list, spec: ImageSpec) -> dict:
+    """transformers' processor output for `images` (pixels padded to its patch budget)."""
+    processor = Gemma4ImageProcessorPil(patch_size=spec.patch_size, pooling_kernel_size=spec.pooling_kernel,
+                                        max_soft_tokens=spec.max_soft_tokens)
+    out = processor(images=images, return_tensors="np")
+    return {"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"]}
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_generation_with_images_equals_transformers(with_images, backend):
+    model, artifact = with_images
+    runtime = DiffusionGemma(artifact, backend=backend)
+    assert runtime.manifest["modalities"] == ["text", "image"] and runtime.vision["max_soft_tokens"] == 70
+    spec = ImageSpec(4, 3, 70)
+    settings = Settings(max_new_tokens=64, max_denoising_steps=8, entropy_bound=0.5, t_max=0.3, t_min=0.1)
+    changed = 0
+    for seed in range(4):
+        pictures = [random_picture(50 + 20 * seed, 37, seed), random_picture(20, 90 - 10 * seed, seed + 10)][: 1 + seed % 2]
+        counts = [len(patches(p, spec)[0]) // 9 for p in pictures]
+        rng = np.random.default_rng(seed)
+        prompt = [2, *rng.integers(5, 255, 3 + seed)]
+        for count in counts:  # text, an image, text, (another image, text)
+            prompt += [*runtime.image_ids(count), *rng.integers(5, 255, 4)]
+        prompt = np.array([prompt])
+        expected, _ = generate_with_noise(model, prompt, settings, NoiseSource(seed), **processed(pictures, spec),
+                                          mm_token_type_ids=(prompt == IMAGE_IDS["image_token_id"]).astype(np.int64))
+        ours = runtime.generate(prompt, settings=settings, noise=NoiseSource(seed), images=pictures).tokens
+        assert np.array_equal(ours, expected[:, : settings.max_new_tokens]), seed
+        other = [random_picture(p.height, p.width, seed + 100) for p in pictures]  # same size, other pixels
+        changed += not np.array_equal(runtime.generate(prompt, settings=settings, noise=NoiseSource(seed),
+                                                       images=other).tokens, ours)
+    assert changed >= 3  # the image is read: other pixels, another answer
+
+
+def test_images_must_fit_their_tokens(with_images):
+    runtime = DiffusionGemma(with_images[1])
+    picture = random_picture(50, 37, 0)
+    with pytest.raises(UserError, match="runs of \\[5\\], the images take \\[63\\]"):
+        runtime.generate([[2, *runtime.image_ids(5), 9]], images=[picture])
+
+
+def test_a_text_only_export_says_it_takes_no_images(with_images, tmp_path):
+    model, artifact = with_images
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert {row["graph"] for row in manifest["validation"]["results"]} >= {"vision"}  # the exporter checked it
+    text_only = export(artifact.parent / "checkpoint", tmp_path / "text.dg", formats=["onnx"], text_only=True,
+                       validation=None)
+    runtime = DiffusionGemma(text_only)
+    assert runtime.manifest["modalities"] == ["text"] and not (text_only / "vision.onnx").exists()
+    with pytest.raises(UserError, match="takes no images"):
+        runtime.generate([[2, 9, 9]], images=[random_picture(20, 20, 0)])
