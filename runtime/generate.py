@@ -198,29 +198,63 @@ class DiffusionGemma:
 
     # --- images ------------------------------------------------------------------------------------------------
 
+    def open_images(self, images: Sequence) -> list:
+        """`images` (paths, bytes or PIL images) decoded and checked, as PIL images."""
+        from .images import open_image
+
+        if images and not self.vision:
+            raise UserError("this artifact takes no images (it was exported text-only); give text only, or export a "
+                            "checkpoint with a vision tower")
+        return [open_image(image, None if isinstance(image, (str, Path)) else f"image {number + 1}")
+                for number, image in enumerate(images)]
+
+    @property
+    def image_spec(self):
+        from .images import ImageSpec
+
+        v = self.vision
+        return ImageSpec(v["patch_size"], v["pooling_kernel"], v["max_soft_tokens"])
+
     def image_features(self, images: Sequence) -> tuple[np.ndarray, list[int]]:
         """The vision graph's features of `images` (paths, bytes or PIL images) one after another ([tokens, hidden]),
         and how many image tokens each one takes in the prompt (see `image_ids`)."""
-        from .images import ImageSpec, open_image, patches
+        from .images import patches
 
-        if not self.vision:
-            raise UserError("this artifact takes no images (it was exported text-only); give text only, or export a "
-                            "checkpoint with a vision tower")
+        opened = self.open_images(images)
         if self._vision_graph is None:  # opened on first use: text-only callers never pay for the tower
             self._vision_graph = open_graph(self.folder, self.manifest, self.backend, *self._options, graph="vision")
-        v = self.vision
-        spec = ImageSpec(v["patch_size"], v["pooling_kernel"], v["max_soft_tokens"])
         features = []
-        for number, image in enumerate(images):
-            values, positions = patches(open_image(image, None if isinstance(image, (str, Path)) else
-                                                   f"image {number + 1}"), spec)
-            if positions.max() >= v["position_embedding_size"]:
+        for number, image in enumerate(opened):
+            values, positions = patches(image, self.image_spec)
+            if positions.max() >= self.vision["position_embedding_size"]:
                 raise UserError(f"image {number + 1} is {positions.max() + 1} patches across, more than this vision "
-                                f"tower's {v['position_embedding_size']} positions; crop it closer to square")
+                                f"tower's {self.vision['position_embedding_size']} positions; crop it closer to square")
             features.append(self._vision_graph.run(["image_features"], {"pixel_values": values[None],
                                                                         "pixel_positions": positions[None]})[0][0])
         return (np.concatenate(features) if features else np.zeros((0, self.hidden_size), np.float32),
                 [len(f) for f in features])
+
+    def image_token_counts(self, images: Sequence) -> list[int]:
+        """How many image tokens each (opened) image takes, from its size alone."""
+        from .images import target_size
+
+        spec, counts = self.image_spec, []
+        for image in images:
+            height, width = target_size(image.height, image.width, spec)
+            counts.append(height * width // (spec.patch_size * spec.pooling_kernel) ** 2)
+        return counts
+
+    def place_images(self, ids: list[int], counts: list[int]) -> list[int]:
+        """The prompt's image tokens, one per image as the chat template writes them, each expanded to its image's
+        `image_ids` (as transformers' processor does)."""
+        marks = [i for i, token in enumerate(ids) if token == self.vision["image_token_id"]]
+        if len(marks) != len(counts):
+            raise UserError(f"the chat template placed {len(marks)} image(s) for {len(counts)} given: this artifact's "
+                            "template does not take images; build the token ids with image_ids() and call generate")
+        placed = list(ids)
+        for mark, count in reversed(list(zip(marks, counts))):
+            placed[mark: mark + 1] = self.image_ids(count)
+        return placed
 
     def image_ids(self, tokens: int) -> list[int]:
         """What stands for an image of `tokens` image tokens in a prompt: begin, the image tokens, end."""
@@ -384,38 +418,49 @@ class DiffusionGemma:
 
     # --- text in, text out -------------------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
-        """The token ids of a prompt: the chat template around it (with a system turn) unless `raw`."""
+    def prompt_ids(self, prompt: str, *, system: str | None = None, raw: bool = False, images: int = 0) -> list[int]:
+        """The token ids of a prompt: the chat template around it (with a system turn) unless `raw`. `images`: that
+        many image parts before the text (one image token each, as the template writes them; see `place_images`)."""
         if raw:
             if system is not None:
                 raise UserError("a system message needs the chat template; leave out {raw} or {system}", "raw", "system")
-            return self.text.encode(prompt)
+            return [self.vision["image_token_id"]] * images + self.text.encode(prompt)
         return self.text.chat_ids([*([{"role": "system", "content": system}] if system else []),
-                                   {"role": "user", "content": prompt}])
+                                   user_message(prompt, images)])
 
     def text_streamer(self, settings: Settings | None = None, stop: Sequence[str] = ()) -> TextStreamer:
         return TextStreamer(self.text, self.eos_ids, self.pad_id, (settings or self.defaults).max_new_tokens, stop)
 
     def stream_text(self, prompt: str, *, system: str | None = None, raw: bool = False,
                     settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = (), fast: bool = False,
-                    noise: NoiseSource | None = None) -> Iterator[Draft | TextDelta | Done]:
+                    noise: NoiseSource | None = None, images: Sequence = ()) -> Iterator[Draft | TextDelta | Done]:
         """Generate a reply to `prompt` (the chat template applied unless `raw`). Yields a Draft after every step,
         a TextDelta whenever text became final, and Done last (with the whole `text` and `finish_reason`). The
         generation ends at the block where the reply ended (EOS, a `stop` string, max_new_tokens). `fast`: fast
-        mode (as `Settings.fast`)."""
-        ids = self.prompt_ids(prompt, system=system, raw=raw)
+        mode (as `Settings.fast`). `images` (paths, bytes or PIL images) come before the text in the user turn."""
+        opened = self.open_images(images)
+        ids = self.prompt_ids(prompt, system=system, raw=raw, images=len(opened))
+        if opened:
+            ids = self.place_images(ids, self.image_token_counts(opened))
         settings = (settings or self.defaults).with_overrides(fast=fast or None)
-        yield from stream_reply(self, self.stream([ids], settings=settings, seed=seed, noise=noise),
+        yield from stream_reply(self, self.stream([ids], settings=settings, seed=seed, noise=noise, images=opened),
                                 self.text_streamer(settings, stop))
 
     def generate_text(self, prompt: str, *, system: str | None = None, raw: bool = False,
                       settings: Settings | None = None, seed: int = 0, stop: Sequence[str] = (),
-                      fast: bool = False) -> str:
+                      fast: bool = False, images: Sequence = ()) -> str:
         """The reply to `prompt` as text (see `stream_text`)."""
         for event in self.stream_text(prompt, system=system, raw=raw, settings=settings, seed=seed, stop=stop,
-                                      fast=fast):
+                                      fast=fast, images=images):
             pass
         return event.text
+
+
+def user_message(text: str, images: int = 0) -> dict:
+    """A user turn; with images, content parts (the images first), as chat templates that take images read them."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*[{"type": "image"}] * images, {"type": "text", "text": text}]}
 
 
 def scatter(whole: np.ndarray, index, part: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -464,17 +509,21 @@ class Chat:
         self.cache = model.new_cache(1)
         self.unencoded = np.zeros((1, 0), dtype=np.int64)  # the last reply's tokens, not yet in the cache
 
-    def stream(self, text: str, *, seed: int = 0) -> Iterator[Draft | TextDelta | Done]:
-        """Add a user turn and generate the reply; yields as `DiffusionGemma.stream_text`."""
-        message = {"role": "user", "content": text}
+    def stream(self, text: str, *, seed: int = 0, images: Sequence = ()) -> Iterator[Draft | TextDelta | Done]:
+        """Add a user turn (`images` before its text) and generate the reply; yields as
+        `DiffusionGemma.stream_text`."""
+        opened = self.model.open_images(images)
+        message = user_message(text, len(opened))
         if self.cache.length == 0:  # nothing encoded yet: the whole conversation
             new_ids = self.model.text.chat_ids([*self.messages, message])
         else:  # the history up to the last reply is cached (the reply's last tokens may still be unencoded)
             new_ids = self.model.text.continuation_ids(self.messages, message)
+        if opened:
+            new_ids = self.model.place_images(new_ids, self.model.image_token_counts(opened))
         input_ids = np.concatenate([self.unencoded, np.array([new_ids], dtype=np.int64)], axis=1)
         cache = self.cache.copy()  # the turn extends a copy: the conversation changes only when the turn ends
         streamer = self.model.text_streamer(self.settings)
-        events = self.model.stream(input_ids, settings=self.settings, seed=seed, cache=cache)
+        events = self.model.stream(input_ids, settings=self.settings, seed=seed, cache=cache, images=opened)
         for event in stream_reply(self.model, events, streamer):
             if isinstance(event, Done):
                 # Blocks before the last one were encoded during generation; the last reply block was not.
@@ -484,9 +533,9 @@ class Chat:
                 self.messages = [*self.messages, message, {"role": "assistant", "content": event.text}]
             yield event
 
-    def send(self, text: str, *, seed: int = 0) -> str:
+    def send(self, text: str, *, seed: int = 0, images: Sequence = ()) -> str:
         """Add a user turn and return the reply's text."""
-        for event in self.stream(text, seed=seed):
+        for event in self.stream(text, seed=seed, images=images):
             pass
         return event.text
 

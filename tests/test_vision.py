@@ -20,7 +20,7 @@ from dg_export.checkpoint import Checkpoint
 from dg_export.source import load_config
 from dg_export.vision import build_vision_model
 from dg_export.weights import WEIGHTS_FILE, Weights
-from dg_runtime import DiffusionGemma, NoiseSource, Settings, UserError
+from dg_runtime import Chat, DiffusionGemma, NoiseSource, Settings, UserError
 from dg_runtime.backends import OnnxRuntimeGraph, OpenVinoGraph
 from dg_runtime.images import ImageSpec, patches
 
@@ -110,7 +110,30 @@ def with_images(tmp_path_factory):
     model = vision_checkpoint(root / "checkpoint", TOWERS["gqa-standardized"],
                               text={"use_bidirectional_attention": "vision", "sliding_window": 24}, **IMAGE_IDS)
     (root / "checkpoint" / "preprocessor_config.json").write_text(json.dumps({"max_soft_tokens": 70}))
+    add_image_tokens(root / "checkpoint")
     return model, export(root / "checkpoint", root / "images.dg", formats=["onnx", "openvino"])
+
+
+# Gemma 4's way: the template writes one image token per image part; the processor expands it
+IMAGE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def add_image_tokens(folder):
+    """The byte-level tokenizer with Gemma 4's image tokens (ids 261-263) and a template that places images."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|image>", "<|image|>", "<image|>"])
+    assert tokenizer.token_to_id("<|image|>") == IMAGE_IDS["image_token_id"]
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": IMAGE_TEMPLATE}))
 
 
 def processed(images: list, spec: ImageSpec) -> dict:
@@ -164,3 +187,33 @@ def test_a_text_only_export_says_it_takes_no_images(with_images, tmp_path):
     assert runtime.manifest["modalities"] == ["text"] and not (text_only / "vision.onnx").exists()
     with pytest.raises(UserError, match="takes no images"):
         runtime.generate([[2, 9, 9]], images=[random_picture(20, 20, 0)])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_text_with_images_places_them_as_the_processor_does(with_images, backend):
+    model, artifact = with_images
+    runtime = DiffusionGemma(artifact, backend=backend)
+    picture = random_picture(40, 60, 3)
+    count = runtime.image_token_counts([picture])[0]
+    settings = Settings(max_new_tokens=64, max_denoising_steps=8, entropy_bound=0.5, t_max=0.3, t_min=0.1)
+    # what transformers' processor makes of the template's one image token: begin, the image's tokens, end
+    codec = runtime.text
+    ids = [*codec.encode("<bos><start_of_turn>user\n"), *runtime.image_ids(count),
+           *codec.encode("what is this?<end_of_turn>\n<start_of_turn>model\n")]
+    assert runtime.place_images(runtime.prompt_ids("what is this?", images=1), [count]) == ids
+    expected, _ = generate_with_noise(model, np.array([ids]), settings, NoiseSource(5),
+                                      **processed([picture], ImageSpec(4, 3, 70)),
+                                      mm_token_type_ids=(np.array([ids]) == IMAGE_IDS["image_token_id"]).astype(np.int64))
+    reply = runtime.generate_text("what is this?", images=[picture], settings=settings, seed=5)
+    assert reply == codec.decode(runtime.reply(expected[0, : settings.max_new_tokens]))
+    chat = Chat(runtime, settings=settings)
+    assert chat.send("what is this?", images=[picture], seed=5) == reply
+    assert chat.messages[0]["content"][0] == {"type": "image"} and chat.send("and now?", seed=6) is not None
+
+
+def test_a_template_without_images_is_said(with_images):
+    runtime = DiffusionGemma(with_images[1])
+    runtime.text.template = runtime.text.template.environment.from_string(
+        "{% for message in messages %}{{ message['content'] }}{% endfor %}")  # one that ignores image parts
+    with pytest.raises(UserError, match="placed 0 image\\(s\\) for 1 given"):
+        runtime.generate_text("hi", images=[random_picture(20, 20, 1)])
