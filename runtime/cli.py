@@ -18,7 +18,7 @@ FLAGS = {"max_new_tokens": "-n/--max-new-tokens", "max_denoising_steps": "--step
          "t_max": "--t-max", "t_min": "--t-min", "stability_threshold": "--stability-threshold",
          "confidence_threshold": "--confidence-threshold", "threads": "-t/--threads", "seed": "-s/--seed",
          "precision": "--precision", "backend": "--backend", "device": "--device", "raw": "--raw",
-         "system": "--system", "fast": "--fast", "freeze_after": "--freeze-after", "refresh_every": "--refresh-every"}
+         "system": "--system", "images": "--image", "fast": "--fast", "freeze_after": "--freeze-after", "refresh_every": "--refresh-every"}
 
 
 def parse_args(argv):
@@ -28,6 +28,9 @@ def parse_args(argv):
     parser.add_argument("prompt", nargs="?", help="the prompt (or use -p / -f)")
     parser.add_argument("-p", "--prompt", dest="prompt_option", metavar="PROMPT", help="the prompt")
     parser.add_argument("-f", "--prompt-file", type=Path, help="read the prompt from a UTF-8 file")
+    parser.add_argument("--image", dest="images", action="append", type=Path, metavar="FILE",
+                        help="an image before the prompt's text (repeat for several; the artifact needs a vision "
+                             "tower)")
     parser.add_argument("--system", help="system message for the chat template")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     parser.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: onnxruntime if the artifact has "
@@ -108,9 +111,13 @@ def run(args) -> int:
         stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold,
         fast=args.fast, freeze_after=args.freeze_after, refresh_every=args.refresh_every,
     )
-    ids = model.prompt_ids(prompt, system=args.system, raw=args.raw)
+    images = model.open_images(args.images or [])
+    ids = model.prompt_ids(prompt, system=args.system, raw=args.raw, images=len(images))
+    if images:
+        ids = model.place_images(ids, model.image_token_counts(images))
     shown = ""
-    for event in model.stream_text(prompt, system=args.system, raw=args.raw, settings=settings, seed=args.seed):
+    for event in model.stream_text(prompt, system=args.system, raw=args.raw, settings=settings, seed=args.seed,
+                                   images=images):
         if isinstance(event, Draft) and args.visual:
             sys.stdout.write(f"\x1b[H\x1b[2J{shown}\n\n[block {event.block + 1}, step {event.step}]\n"
                              f"{render_canvas(model, event)}\n")

@@ -217,3 +217,24 @@ def test_a_template_without_images_is_said(with_images):
         "{% for message in messages %}{{ message['content'] }}{% endfor %}")  # one that ignores image parts
     with pytest.raises(UserError, match="placed 0 image\\(s\\) for 1 given"):
         runtime.generate_text("hi", images=[random_picture(20, 20, 1)])
+
+
+def test_dg_run_takes_images(with_images, tmp_path):
+    import subprocess
+    import sys
+
+    artifact = with_images[1]
+    picture = tmp_path / "picture.png"
+    random_picture(40, 60, 3).save(picture)
+    runtime = DiffusionGemma(artifact)
+    expected = runtime.generate_text("what is this?", images=[picture], seed=2)
+    run = [sys.executable, "-m", "dg_runtime.cli", str(artifact), "-p", "what is this?", "-s", "2", "--json"]
+    result = subprocess.run([*run, "--image", str(picture)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["text"] == expected
+    (tmp_path / "notes.txt").write_text("not a picture")
+    for bad, message in ((tmp_path / "notes.txt", "is not an image Pillow can read"),
+                         (tmp_path / "missing.png", "no such file")):
+        result = subprocess.run([*run, "--image", str(bad)], capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
