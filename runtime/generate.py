@@ -424,7 +424,8 @@ class DiffusionGemma:
         if raw:
             if system is not None:
                 raise UserError("a system message needs the chat template; leave out {raw} or {system}", "raw", "system")
-            return [self.vision["image_token_id"]] * images + self.text.encode(prompt)
+            ids = self.text.encode(prompt)
+            return [self.vision["image_token_id"]] * images + ids if images else ids
         return self.text.chat_ids([*([{"role": "system", "content": system}] if system else []),
                                    user_message(prompt, images)])
 

@@ -31,8 +31,10 @@ class Finished:
 
 
 def create_app(model: DiffusionGemma, model_id: str, api_key: str | None = None, queue_size: int = 16,
-               prefix_cache_mb: int = 512, max_body_bytes: int = 1 << 20) -> Starlette:
+               prefix_cache_mb: int = 512, max_body_bytes: int | None = None) -> Starlette:
+    """`max_body_bytes` default: 1 MB, or 32 MB for an artifact that takes images (sent inline, base64)."""
     engine = Engine(model, queue_size, prefix_cache_mb << 20)
+    max_body_bytes = max_body_bytes or (32 << 20 if model.vision else 1 << 20)
     page = files(__package__).joinpath("page.html").read_text()
 
     async def read_body(request: HttpRequest) -> dict:
@@ -63,7 +65,7 @@ def create_app(model: DiffusionGemma, model_id: str, api_key: str | None = None,
 
     async def completions(request: HttpRequest, chat: bool):
         parsed = api.parse_request(await read_body(request), model, model_id, chat)
-        job = Job(parsed.ids, parsed.settings, parsed.seed)
+        job = Job(parsed.ids, parsed.settings, parsed.seed, parsed.images)
         try:
             engine.submit(job)
         except QueueFull as exc:

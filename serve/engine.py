@@ -46,8 +46,8 @@ class Job:
     """One generation: its prompt and settings in, the runtime's events out (Started, Draft per step, Block per
     committed block, Done; or Failed)."""
 
-    def __init__(self, ids: list[int], settings: Settings, seed: int):
-        self.ids, self.settings, self.seed = ids, settings, seed
+    def __init__(self, ids: list[int], settings: Settings, seed: int, images: list = ()):
+        self.ids, self.settings, self.seed, self.images = ids, settings, seed, list(images)
         self.events: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self.cancelled = threading.Event()
@@ -109,10 +109,11 @@ class Engine:
             self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - started)
 
     def _generate(self, job: Job) -> None:
-        cache, cached = self.prefix_cache.longest_prefix(job.ids)
+        # An image's tokens are the same ids whatever its pixels: a prompt with images is not a prefix to share
+        cache, cached = self.prefix_cache.longest_prefix(job.ids) if not job.images else (None, 0)
         cache = cache or self.model.new_cache(1)  # the runtime appends to it in place as it encodes
         events = self.model.stream(np.array([job.ids[cached:]], dtype=np.int64), settings=job.settings, seed=job.seed,
-                                   cache=cache)
+                                   cache=cache, images=job.images)
         job.emit(Started(cached))
         encoded = list(job.ids)  # what the cache holds once a block's first step has run
         for event in events:
@@ -120,7 +121,7 @@ class Engine:
                 events.close()
                 self.counts["cancelled"] += 1
                 return
-            if isinstance(event, Draft) and event.step == 1:
+            if isinstance(event, Draft) and event.step == 1 and not job.images:
                 self.prefix_cache.add(encoded, cache)
             elif isinstance(event, Block):
                 encoded += event.tokens[0].tolist()

@@ -43,6 +43,7 @@ class Request:
     stream: bool = False
     include_usage: bool = False
     stream_canvas: bool = False
+    images: list = field(default_factory=list)  # decoded, for the image tokens in `ids`
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -52,7 +53,7 @@ def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) 
     if "model" in body and body["model"] != model_id:
         raise ApiError(404, f"model {body['model']!r} does not exist; this server serves {model_id!r}",
                        param="model", code="model_not_found")
-    ids = chat_ids(body, model) if chat else prompt_ids(body, model)
+    ids, images = chat_ids(body, model) if chat else (prompt_ids(body, model), [])
     n = body.get("n", 1)
     if n != 1:
         raise ApiError(400, f"n must be 1 (got {n!r}): this server generates one choice per request", param="n")
@@ -80,18 +81,19 @@ def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) 
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     return Request(chat, ids, settings, seed, stop_strings(body.get("stop")), stream,
-                   bool(options.get("include_usage")), bool(body.get("stream_canvas")))
+                   bool(options.get("include_usage")), bool(body.get("stream_canvas")), images)
 
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def chat_ids(body: dict, model: DiffusionGemma) -> list[int]:
+def chat_ids(body: dict, model: DiffusionGemma) -> tuple[list[int], list]:
+    """The conversation's token ids (images expanded to their tokens) and its images, decoded, in order."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    rendered = []
+    rendered, images = [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -99,21 +101,60 @@ def chat_ids(body: dict, model: DiffusionGemma) -> list[int]:
         role = message.get("role")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role {role!r} is not one of {', '.join(ROLES)}", param=f"{where}.role")
-        rendered.append({"role": ROLES[role], "content": message_text(message.get("content"), f"{where}.content")})
+        content, found = message_content(message.get("content"), f"{where}.content", model)
+        rendered.append({"role": ROLES[role], "content": content})
+        images += found
     try:
-        return model.text.chat_ids(rendered)
+        ids = model.text.chat_ids(rendered)
+        return (model.place_images(ids, model.image_token_counts(images)) if images else ids), images
     except UserError as exc:
         raise ApiError(400, str(exc), param="messages") from None
 
 
-def message_text(content, where: str) -> str:
-    """A message's text: a string, or OpenAI's list of text parts (the model reads text only)."""
+def message_content(content, where: str, model: DiffusionGemma) -> tuple[str | list, list]:
+    """A message's content for the chat template (a string, or parts with {"type": "image"} where images go) and
+    its images, decoded: OpenAI's text parts and `image_url` parts with base64 `data:` URLs."""
     if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"{where} must be a string or a list of text parts (this model reads text only)", param=where)
+        return content, []
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise ApiError(400, f"{where} must be a string or a list of content parts", param=where)
+    parts, images = [], []
+    for i, part in enumerate(content):
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif part.get("type") == "image_url":
+            images.append(image_from_url(part.get("image_url"), f"{where}[{i}].image_url", model))
+            parts.append({"type": "image"})
+        else:
+            raise ApiError(400, f"{where}[{i}] must be a text part or an image_url part", param=f"{where}[{i}]")
+    if not images:
+        return "".join(p["text"] for p in parts), []
+    return parts, images
+
+
+def image_from_url(value, where: str, model: DiffusionGemma):
+    """A decoded image from an image_url part: only base64 data: URLs (a server that fetched URLs would reach
+    whatever its network reaches on a client's behalf)."""
+    import base64
+    import binascii
+
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise ApiError(400, f"{where} must be {{\"url\": \"data:image/...;base64,...\"}}", param=where)
+    if not url.startswith("data:"):
+        raise ApiError(400, f"{where}: this server does not fetch image URLs; send the image inline as a base64 "
+                       "data: URL", param=where)
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise ApiError(400, f"{where}: the data: URL must be base64 (data:image/png;base64,...)", param=where)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: the data: URL's base64 does not decode", param=where) from None
+    try:
+        return model.open_images([raw])[0]
+    except UserError as exc:
+        raise ApiError(400, f"{where}: {exc}".replace("image 1", "the image"), param=where) from None
 
 
 def prompt_ids(body: dict, model: DiffusionGemma) -> list[int]:

@@ -238,3 +238,43 @@ def test_dg_run_takes_images(with_images, tmp_path):
         result = subprocess.run([*run, "--image", str(bad)], capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def data_url(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_dg_serve_takes_image_url_parts(with_images, tmp_path):
+    from openai import BadRequestError, OpenAI
+
+    from conftest import serving
+    from test_images import BAD, encoded
+
+    artifact = with_images[1]
+    runtime = DiffusionGemma(artifact)
+    picture = random_picture(40, 60, 3)
+    expected = runtime.generate_text("what is this?", images=[picture], seed=4)
+    with serving(runtime) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+        def ask(image_url: str, seed: int = 4):
+            content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "what is this?"}]
+            return client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}],
+                                                  seed=seed).choices[0].message.content
+
+        assert ask(data_url(encoded(picture, "PNG"))) == expected
+        assert ask(data_url(encoded(picture, "PNG"))) == expected  # no prefix cache for images: the same again
+        for case, (data, message) in BAD.items():
+            with pytest.raises(BadRequestError, match=message):
+                ask(data_url(data))
+        with pytest.raises(BadRequestError, match="does not fetch image URLs"):
+            ask("https://example.com/cat.png")
+    text_only = export(artifact.parent / "checkpoint", tmp_path / "text.dg", formats=["onnx"], text_only=True,
+                       validation=None)
+    with serving(DiffusionGemma(text_only)) as url:
+        with pytest.raises(BadRequestError, match="takes no images"):
+            OpenAI(base_url=f"{url}/v1", api_key="unused").chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(encoded(picture, "PNG"))}}]}])
