@@ -150,6 +150,7 @@ def create_app(model: DiffusionGemma, model_id: str, api_key: str | None = None,
 
     async def health(request: HttpRequest):
         return JSONResponse({"status": "ok", "model": model_id, "backend": model.backend,
+                             "modalities": model.manifest.get("modalities", ["text"]),
                              "queued": engine.jobs.qsize(), "running": engine.running is not None, **engine.counts})
 
     async def index(request: HttpRequest):

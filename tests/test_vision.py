@@ -23,6 +23,7 @@ from dg_export.weights import WEIGHTS_FILE, Weights
 from dg_runtime import Chat, DiffusionGemma, NoiseSource, Settings, UserError
 from dg_runtime.backends import OnnxRuntimeGraph, OpenVinoGraph
 from dg_runtime.images import ImageSpec, patches
+from test_serve_page import browser  # noqa: F401  (the headless browser fixture)
 
 TOWERS = {
     "demo": TINY_VISION_CONFIG,
@@ -278,3 +279,25 @@ def test_dg_serve_takes_image_url_parts(with_images, tmp_path):
             OpenAI(base_url=f"{url}/v1", api_key="unused").chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": data_url(encoded(picture, "PNG"))}}]}])
+
+
+def test_the_page_sends_an_image(with_images, tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import serving
+
+    runtime = DiffusionGemma(with_images[1])
+    picture = tmp_path / "picture.png"
+    random_picture(40, 60, 3).save(picture)
+    with serving(runtime) as base:
+        browser.get(base)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "images-label").is_displayed())
+        browser.find_element(By.ID, "images").send_keys(str(picture))
+        browser.find_element(By.ID, "prompt").send_keys("what is this?")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 60).until(
+            lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "true")
+        # textContent: the random model's reply has control characters that .text would fold
+        assert browser.find_element(By.ID, "answer").get_attribute("textContent") == runtime.generate_text(
+            "what is this?", images=[picture], seed=0)
