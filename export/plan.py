@@ -43,6 +43,25 @@ def count_parameters(config) -> dict:
     return counts
 
 
+def vision_parameters(config) -> dict:
+    """The vision tower's and embedder's parameters: all, and those a patch multiplies (its matrices, less the
+    position table and the embedder, which runs once per soft token)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    with torch.device("meta"):
+        model = DiffusionGemmaForBlockDiffusion(config)
+    counts = {"total": 0, "per_patch": 0, "per_token": 0}
+    for name, param in model.named_parameters():
+        if "vision" not in name:
+            continue
+        counts["total"] += param.numel()
+        if param.ndim == 2 and "embed_vision" not in name:
+            counts["per_patch"] += param.numel()
+        elif "embed_vision" in name:
+            counts["per_token"] += param.numel()
+    return counts
+
+
 def export_estimate(config, counts: dict, validation: str = "auto") -> dict:
     """dg-export's peak memory and time for this shape, from the sizes that drive them and the rates and overheads
     measured here (python bench/benchmark_export.py prints measured peaks beside these).
@@ -136,6 +155,13 @@ def print_plan(config, model_name: str, formats: list[str]) -> None:
           f"for the sliding windows")
     step_flops = 2 * counts["active_per_token"] * canvas
     print(f"  denoiser step: ~{step_flops / 1e12:.2f} TFLOP per canvas of {canvas} (matmuls, excluding attention)")
+    if config.vision_config is not None:
+        vision, tokens = vision_parameters(config), 280  # transformers' processor's default budget
+        patches = tokens * config.vision_config.pooling_kernel_size ** 2
+        flops = 2 * (vision["per_patch"] * patches + vision["per_token"] * tokens)
+        print(f"  vision tower (graph `vision`, exported when the checkpoint holds it; fp32 in every recipe): "
+              f"{vision['total'] / 1e6:.0f} M parameters, {4 * vision['total'] / GB:.2f} GB; an image of {tokens} "
+              f"tokens ({patches} patches): ~{flops / 1e12:.2f} TFLOP (matmuls, excluding attention)")
     estimate = export_estimate(config, counts)
     print(f"  export ({', '.join(formats)}; weights streamed one chunk at a time, {estimate['validation']} "
           f"validation):")

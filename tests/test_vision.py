@@ -301,3 +301,12 @@ def test_the_page_sends_an_image(with_images, tmp_path, browser):
         # textContent: the random model's reply has control characters that .text would fold
         assert browser.find_element(By.ID, "answer").get_attribute("textContent") == runtime.generate_text(
             "what is this?", images=[picture], seed=0)
+
+
+def test_more_images_than_the_context_holds_is_said(with_images):
+    from dg_runtime import PromptTooLong
+
+    runtime = DiffusionGemma(with_images[1])
+    pictures = [random_picture(40, 60, seed) for seed in range(runtime.max_positions // 60)]
+    with pytest.raises(PromptTooLong, match="shorten the prompt"):
+        runtime.generate_text("what are these?", images=pictures)
