@@ -400,13 +400,14 @@ def validate_against_transformers(source: Source, config, checkpoint, weights, s
             from .source import load_model
 
             return validate.validate(load_model(source.folder), staging, manifest, backends, atol)
-        bar = progress_bar(validate.component_count(config), "components", unit="it")
+        images = "vision" in manifest
+        bar = progress_bar(validate.component_count(config, images), "components", unit="it")
         try:
             # the components as the artifact's graphs are built: ONNX's where it has them, else OpenVINO's
             target = "onnx" if "onnx" in manifest["formats"] else "openvino"
             moe = "sorted" if target == "onnx" else manifest["openvino"].get("moe", "sorted")
             return validate.validate_by_layer(config, checkpoint, staging, weights, backends, atol, progress=bar,
-                                              target=target, moe=moe)
+                                              target=target, moe=moe, images=images)
         finally:
             bar.close()
 

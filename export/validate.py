@@ -281,7 +281,7 @@ def weights_row(checkpoint, weights, folder: Path) -> dict:
 
 def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], atol: float, batch: int = 2,
                       new_tokens: int = 5, seed: int = 0, progress=None, target: str = "onnx",
-                      moe: str = "sorted") -> list[dict]:
+                      moe: str = "sorted", images: bool = False) -> list[dict]:
     """Each component of the graphs, built by the same builder functions from the same weights, against
     transformers' own module: every encoder and decoder layer (with a past longer than the sliding window would
     keep), the canvas embedding with self-conditioning, and the head. One component's weights are in memory at a
@@ -379,11 +379,80 @@ def validate_by_layer(config, checkpoint, folder, weights, backends: list[str], 
         g.add_output(outputs[entry["name"]], entry)
     check("head", g, {"hidden_states": hidden, "temperature": temperature, "sample_uniform": uniform},
           lambda tensor, dtype: reference_head(hf, text, tensor, dtype, shape.lm_head, hidden, temperature, uniform))
+    if images:
+        check_vision_components(check, config, weights, target, rng)
     return mark_ok(rows)
 
 
-def component_count(config) -> int:
-    return 2 * config.text_config.num_hidden_layers + 3
+def check_vision_components(check, config, weights, target: str, rng) -> None:
+    """The vision graph's components against transformers' modules, on a grid of 2 x 3 pooled blocks: the patch
+    embedder, each encoder layer, and the pooler with the standardization and the embedder."""
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaMultimodalEmbedder
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+
+    from . import builder, vision
+
+    v, settings = vision.VisionShape(config), copy.deepcopy(config.vision_config)
+    settings._attn_implementation = "eager"
+    rows, columns = 2 * v.kernel, 3 * v.kernel
+    column, row = np.meshgrid(np.arange(columns), np.arange(rows), indexing="xy")
+    positions = np.stack([column.ravel(), row.ravel()], axis=1)[None].astype(np.int64)
+    pixels = rng.random((1, rows * columns, 3 * v.patch_size ** 2), dtype=np.float32)
+    hidden = rng.standard_normal((1, rows * columns, v.hidden)).astype(np.float32)
+    patches = {"name": "pixel_positions", "dtype": "int64", "shape": [1, "patches", 2]}
+    states = {"name": "hidden_states", "dtype": "float32", "shape": [1, "patches", v.hidden]}
+
+    def loaded(module, prefix: str, tensor, dtype):
+        """transformers' `module` with the artifact's weights, in `dtype`."""
+        module = module.to(dtype)
+        module.load_state_dict({name: tensor(f"{prefix}.{name}") for name in module.state_dict()
+                                if name.split(".")[-1] not in ("inv_freq", "original_inv_freq")}, strict=False)
+        return module
+
+    def component(name: str, inputs: list[dict], build, feeds: dict, reference) -> None:
+        g = builder.Graph(name, weights, target)
+        g.add_output(build(g, *(g.add_input(e) for e in inputs)), {**states, "name": "output"})
+        check(name, g, feeds, lambda tensor, dtype: {"output": reference(tensor, dtype).detach().numpy()})
+
+    no_padding = torch.zeros(positions.shape[:2], dtype=torch.bool)
+    component("vision.patch_embedder", [{"name": "pixel_values", "dtype": "float32", "shape": [1, "patches", pixels.shape[-1]]}, patches],
+              lambda g, x, pos: vision.patch_embedder(g, x, pos, v), {"pixel_values": pixels, "pixel_positions": positions},
+              lambda tensor, dtype: loaded(hf.Gemma4VisionPatchEmbedder(settings), f"{vision.TOWER}.patch_embedder",
+                                           tensor, dtype)(torch.from_numpy(pixels).to(dtype),
+                                                          torch.from_numpy(positions), no_padding))
+    rotary = hf.Gemma4VisionRotaryEmbedding(settings)
+    for i in range(v.layers):
+        def layer(tensor, dtype, i=i):
+            x = torch.from_numpy(hidden).to(dtype)
+            module = loaded(hf.Gemma4VisionEncoderLayer(settings, i), f"{vision.TOWER}.encoder.layers.{i}", tensor, dtype)
+            rope = rotary(x, torch.from_numpy(positions))
+            return module(x, position_embeddings=rope, attention_mask=None, position_ids=torch.from_numpy(positions))
+
+        component(f"vision.encoder.layers.{i}", [states, patches],
+                  lambda g, x, pos, i=i: vision.encoder_layer(g, x, i, vision.rotary_emb(g, pos, v), v),
+                  {"hidden_states": hidden, "pixel_positions": positions}, layer)
+
+    def pooled(g, x, pos):
+        x = vision.pooler(g, x, pos, v)
+        if v.standardize:
+            x = g.op("Mul", g.op("Sub", x, g.weight(f"{vision.TOWER}.std_bias")), g.weight(f"{vision.TOWER}.std_scale"))
+        return vision.embed_vision(g, x, v)
+
+    def pooled_reference(tensor, dtype):
+        x, _ = hf.Gemma4VisionPooler(settings)(torch.from_numpy(hidden).to(dtype), torch.from_numpy(positions),
+                                               no_padding, output_length=hidden.shape[1] // v.kernel ** 2)
+        x = x.to(dtype)
+        if v.standardize:
+            x = (x - tensor(f"{vision.TOWER}.std_bias")) * tensor(f"{vision.TOWER}.std_scale")
+        embedder = DiffusionGemmaMultimodalEmbedder(settings, config.text_config)
+        return loaded(embedder, vision.EMBEDDER, tensor, dtype)(x)
+
+    component("vision.pooler+embed_vision", [states, patches], pooled, {"hidden_states": hidden,
+                                                                       "pixel_positions": positions}, pooled_reference)
+
+
+def component_count(config, images: bool = False) -> int:
+    return 2 * config.text_config.num_hidden_layers + 3 + (config.vision_config.num_hidden_layers + 2 if images else 0)
 
 
 def layer_io(text, layout) -> list[dict]:

@@ -310,3 +310,13 @@ def test_more_images_than_the_context_holds_is_said(with_images):
     pictures = [random_picture(40, 60, seed) for seed in range(runtime.max_positions // 60)]
     with pytest.raises(PromptTooLong, match="shorten the prompt"):
         runtime.generate_text("what are these?", images=pictures)
+
+
+def test_by_layer_validation_checks_the_vision_graph(with_images, tmp_path):
+    artifact = export(with_images[1].parent / "checkpoint", tmp_path / "by-layer.dg", formats=["onnx", "openvino"],
+                      validation="by-layer")
+    rows = json.loads((artifact / "manifest.json").read_text())["validation"]["results"]
+    checked = {row["graph"] for row in rows if row["graph"].startswith("vision.")}
+    assert checked == {"vision.patch_embedder", "vision.encoder.layers.0", "vision.encoder.layers.1",
+                       "vision.pooler+embed_vision"}
+    assert all(row["ok"] for row in rows)
