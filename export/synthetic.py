@@ -28,11 +28,12 @@ def fp32_to_bf16(array: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def text_tensor_shapes(config) -> dict[str, tuple]:
-    """The tensors a transformers checkpoint of `config` stores for the text path (tied ones once)."""
+def text_tensor_shapes(config, images: bool = False) -> dict[str, tuple]:
+    """The tensors a transformers checkpoint of `config` stores for the text path (tied ones once), and with
+    `images` for the vision tower."""
     from .weights import expected_shapes
 
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config, images)
     stored = {}
     for name, shape in shapes.items():
         if name.startswith("model.encoder.language_model.") and not name.endswith("layer_scalar"):
@@ -56,8 +57,9 @@ class SyntheticCheckpoint:
     `embedding_std` sets the tied embedding's scale (a larger one gives peaked output distributions).
     """
 
-    def __init__(self, config, dtype: str = "bf16", seed: int = 0, embedding_std: float | None = None):
-        self.shapes, self.dtype, self.seed = text_tensor_shapes(config), dtype, seed
+    def __init__(self, config, dtype: str = "bf16", seed: int = 0, embedding_std: float | None = None,
+                 images: bool = False):
+        self.shapes, self.dtype, self.seed = text_tensor_shapes(config, images), dtype, seed
         self.std, self.embedding_std = config.text_config.initializer_range, embedding_std
 
     def __contains__(self, name: str) -> bool:
