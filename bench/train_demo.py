@@ -1,6 +1,7 @@
 """Train an embedded demo model from scratch on this machine's CPU.
 
     python bench/train_demo.py [--model tiny|canvas256] [--out FOLDER] [--steps N] [--seed 0]
+    python bench/train_demo.py --model canvas256 --init FOLDER --focus KIND --steps N --lr LR   # fine-tune
 
 `tiny` (export/demo/checkpoint): four short tasks with exact answers, a 32-token canvas. `canvas256`
 (export/demo/canvas256): transformations of 240-character passages of the Python standard library's docstrings
@@ -12,10 +13,14 @@ random vocabulary tokens — and the denoiser predicts the clean block. Half of 
 self-conditioning and feed their own (tempered) prediction back, as the sampler does from the second step on.
 Answers longer than a canvas are trained block by block, with the earlier blocks clean in the encoder, so block
 transitions and EOS-then-pad are learned; for `tiny` a third of the prompts are second turns of a chat.
+
+`--init` starts from a checkpoint of the same shape instead of random weights (a task added to a trained model);
+`--focus KIND` makes half of the batches that kind's, the rest drawn from every kind as usual.
 """
 
 import argparse
 import copy
+import functools
 import json
 import math
 import random
@@ -59,9 +64,10 @@ def tiny_rows(rng: random.Random, codec: TextCodec, batch: int, excluded: set) -
     return rows
 
 
-def prose_rows(rng: random.Random, codec: TextCodec, batch: int, excluded: set) -> list[tuple[list, list]]:
+def prose_rows(rng: random.Random, codec: TextCodec, batch: int, excluded: set, focus: str | None = None
+               ) -> list[tuple[list, list]]:
     """(prompt ids, target ids + EOS) of one kind, from the paragraphs not held out."""
-    kind = rng.choice(prose.KINDS)
+    kind = focus if focus and rng.random() < 0.5 else rng.choice(prose.KINDS)
     rows = []
     for _ in range(batch):
         prompt, target, _ = prose.example(rng, kind, held_out=False)
@@ -86,7 +92,8 @@ def add_noise(targets: torch.Tensor, vocab: int, generator: torch.Generator) -> 
     return torch.where(replace, torch.randint(0, vocab, targets.shape, generator=generator), targets)
 
 
-def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, save_every: int) -> None:
+def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, save_every: int,
+          init: Path | None = None, focus: str | None = None) -> None:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     canvas, overrides = MODELS[name][:2]
@@ -99,10 +106,17 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, sa
     staging.mkdir(parents=True)
     write_tokenizer(staging)
     codec = TextCodec(staging)
-    rows = tiny_rows if name == "tiny" else prose_rows
+    rows = tiny_rows if name == "tiny" else functools.partial(prose_rows, focus=focus)
     excluded = {instruction for instruction, _ in held_out(200)}
 
-    model = DiffusionGemmaForBlockDiffusion(tiny_config(overrides, canvas_length=canvas)).train()
+    config = tiny_config(overrides, canvas_length=canvas)
+    if init is None:
+        model = DiffusionGemmaForBlockDiffusion(config).train()
+    else:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(init, dtype=torch.float32).train()
+        if model.config.text_config.to_dict() | {"dtype": None} != config.text_config.to_dict() | {"dtype": None}:
+            raise SystemExit(f"{init} is not a {name} checkpoint (its config differs)")
+        earlier = json.loads((init / "training.json").read_text())
     vocab = model.config.text_config.vocab_size
     params = [p for n, p in model.named_parameters() if "vision" not in n]
     print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, canvas {canvas}", flush=True)
@@ -121,7 +135,8 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, sa
         (staging / "training.json").write_text(json.dumps(
             {"model": name, "steps": done, "of": steps, "seed": seed, "batch": batch, "lr": lr,
              "canvas_length": canvas, "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
-             "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
+             "seconds": round(time.perf_counter() - started),
+             **({"init": earlier, "focus": focus} if init is not None else {})}, indent=2) + "\n")
 
     for step in range(steps):
         inputs, targets = make_batch(rows(rng, codec, batch, excluded), rng, canvas)
@@ -159,11 +174,14 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=500, help="steps between snapshots in OUT.partial")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint (same model) instead of random weights")
+    parser.add_argument("--focus", choices=prose.KINDS, help="half of the batches of this kind (canvas256)")
     args = parser.parse_args(argv)
     steps, batch, lr = MODELS[args.model][2:]
     out = args.out or (DEMO_CHECKPOINT if args.model == "tiny" else DEMO_CHECKPOINT.parent / args.model)
     torch.set_num_threads(2)
-    train(args.model, out, args.steps or steps, args.seed, args.batch or batch, args.lr or lr, args.save_every)
+    train(args.model, out, args.steps or steps, args.seed, args.batch or batch, args.lr or lr, args.save_every,
+          args.init, args.focus)
 
 
 if __name__ == "__main__":
