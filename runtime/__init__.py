@@ -21,7 +21,8 @@ from .text import TextCodec
 
 
 def load(path: str | Path, *, backend: str | None = None, device: str = "CPU", threads: int | None = None,
-         precision: str | None = None, verify: bool = False, memory_upkeep: bool = False) -> DiffusionGemma:
+         precision: str | None = None, verify: bool = False, memory_upkeep: bool = False,
+         cache_dir: str | Path | None = None) -> DiffusionGemma:
     """Open an artifact folder written by dg-export.
 
     backend: "onnxruntime" or "openvino" (default: onnxruntime if the artifact has ONNX graphs, else openvino).
@@ -32,9 +33,11 @@ def load(path: str | Path, *, backend: str | None = None, device: str = "CPU", t
       freed heap back to the system (glibc malloc_trim) and drops the weights file's mapped pages the backend has
       copied (madvise). Process-wide side effects, off by default; dg-run and dg-serve turn them on (they keep the
       26B within 24 GB).
+    cache_dir: OpenVINO's model cache folder: the first start writes the compiled model there (about the weights'
+      size on disk), later starts of the same artifact and options read it instead of compiling (off by default).
     """
     return DiffusionGemma(path, backend=backend, device=device, threads=threads, precision=precision, verify=verify,
-                          memory_upkeep=memory_upkeep)
+                          memory_upkeep=memory_upkeep, cache_dir=cache_dir)
 
 
 __all__ = ["ArtifactError", "BackendUnavailable", "Block", "Chat", "DiffusionGemma", "Done", "Draft", "KVCache",

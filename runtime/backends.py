@@ -69,13 +69,17 @@ def openvino_config(core, device: str, precision: str | None, artifact_precision
 
 class OpenVinoGraph:
     def __init__(self, xml: Path, weights: Path | None, device: str, precision: str | None, artifact_precision: str,
-                 threads: int | None):
+                 threads: int | None, cache_dir: Path | None = None):
+        """`cache_dir`: OpenVINO's model cache (the compiled model, packed weights included, is written there on the
+        first start and read on later ones instead of compiling again)."""
         try:
             import openvino as ov
         except ImportError:
             raise BackendUnavailable("backend openvino is not installed: pip install 'dg-edge[openvino]'",
                                      "openvino") from None
         core = ov.Core()
+        if cache_dir is not None:
+            core.set_property({"CACHE_DIR": str(cache_dir)})
         config = openvino_config(core, device, precision, artifact_precision, threads)
         model = core.read_model(str(xml), str(weights)) if weights else core.read_model(str(xml))
         self.compiled = core.compile_model(model, device, config)
@@ -242,7 +246,7 @@ def format_entry(manifest: dict, backend: str) -> tuple[str, dict]:
 
 
 def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", threads: int | None = None,
-               precision: str | None = None, graph: str = "model"):
+               precision: str | None = None, cache_dir: Path | None = None, graph: str = "model"):
     """Open a graph of an artifact on a backend, and check its inputs against the manifest."""
     fmt, entry = format_entry(manifest, backend)
     if backend == "onnxruntime":
@@ -252,7 +256,7 @@ def open_graph(folder: Path, manifest: dict, backend: str, device: str = "CPU", 
         session = OnnxRuntimeGraph(folder / entry["graphs"][graph], threads)
     else:
         session = OpenVinoGraph(folder / entry["graphs"][graph], folder / entry["weights"], device, precision,
-                                manifest["openvino"]["inference_precision"], threads)
+                                manifest["openvino"]["inference_precision"], threads, cache_dir)
     # the KV cache as state and static shapes are the model graph's (the vision graph is plain)
     model, settings = manifest["model"], manifest["openvino"] if fmt == "openvino" and graph == "model" else {}
     if settings.get("kv_state"):  # its inputs are the stateless graph's, the past taken into the state

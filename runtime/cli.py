@@ -18,7 +18,8 @@ FLAGS = {"max_new_tokens": "-n/--max-new-tokens", "max_denoising_steps": "--step
          "t_max": "--t-max", "t_min": "--t-min", "stability_threshold": "--stability-threshold",
          "confidence_threshold": "--confidence-threshold", "threads": "-t/--threads", "seed": "-s/--seed",
          "precision": "--precision", "backend": "--backend", "device": "--device", "raw": "--raw",
-         "system": "--system", "images": "--image", "fast": "--fast", "freeze_after": "--freeze-after", "refresh_every": "--refresh-every"}
+         "system": "--system", "images": "--image", "cache_dir": "--cache-dir", "fast": "--fast",
+         "freeze_after": "--freeze-after", "refresh_every": "--refresh-every"}
 
 
 def parse_args(argv):
@@ -55,6 +56,8 @@ def parse_args(argv):
                         "never)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
     parser.add_argument("--visual", action="store_true", help="redraw the canvas at every denoising step")
+    parser.add_argument("--cache-dir", type=Path, help="OpenVINO's model cache: the first start writes the compiled "
+                        "model there (about the weights' size), later starts read it instead of compiling")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('dg-edge')}")
     return parser.parse_intermixed_args(argv)  # options and the prompt in any order
@@ -102,9 +105,10 @@ def run(args) -> int:
     prompt = read_prompt(args)
     if not prompt.strip():
         raise UserError("the prompt is empty; give some text to start from")
-    check_runtime_options(args.backend, args.threads, args.precision, args.seed)
+    check_runtime_options(args.backend, args.threads, args.precision, args.seed, args.cache_dir)
     model = load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
-                 precision=args.precision, verify=not args.no_verify, memory_upkeep=True)
+                 precision=args.precision, verify=not args.no_verify, memory_upkeep=True,
+                 cache_dir=args.cache_dir)
     settings = model.defaults.with_overrides(
         max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
         entropy_bound=args.entropy_bound, t_max=args.t_max, t_min=args.t_min,

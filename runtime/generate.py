@@ -88,13 +88,17 @@ class Settings:
                                "t_min", "t_max", value=self.t_min)
 
 
-def check_runtime_options(backend: str | None, threads: int | None, precision: str | None, seed: int | None) -> None:
+def check_runtime_options(backend: str | None, threads: int | None, precision: str | None, seed: int | None,
+                          cache_dir: str | Path | None = None) -> None:
     """Options that configure the runtime rather than the sampler; shared by the CLIs and DiffusionGemma."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise SettingError(f"{{threads}} must be at least 1 (got {threads!r}); leave it out for the backend's choice",
                            "threads", value=threads)
     if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
         raise SettingError(f"{{seed}} must be a whole number of 0 or more (got {seed!r})", "seed", value=seed)
+    if cache_dir is not None and backend == "onnxruntime":
+        raise SettingError("{cache_dir} is OpenVINO's model cache; ONNX Runtime has none: leave {cache_dir} out, or "
+                           "choose {backend} openvino", "cache_dir", "backend", value=cache_dir)
     if precision is not None and backend == "onnxruntime":
         raise SettingError("{precision} sets OpenVINO's inference precision; ONNX Runtime computes in the "
                            "artifact's precision: leave {precision} out, or choose {backend} openvino",
@@ -164,13 +168,13 @@ class DiffusionGemma:
 
     def __init__(self, folder: str | Path, *, backend: str | None = None, device: str = "CPU",
                  threads: int | None = None, precision: str | None = None, verify: bool = False,
-                 memory_upkeep: bool = False):
+                 memory_upkeep: bool = False, cache_dir: str | Path | None = None):
         """See `dg_runtime.load`."""
         started = time.perf_counter()
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, verify_checksums=verify)
         self.backend = backend or ("onnxruntime" if "onnx" in self.manifest["formats"] else "openvino")
-        check_runtime_options(self.backend, threads, precision, seed=None)
+        check_runtime_options(self.backend, threads, precision, seed=None, cache_dir=cache_dir)
         model = self.manifest["model"]
         self.canvas_length, self.vocab_size = model["canvas_length"], model["vocab_size"]
         self.hidden_size, self.max_positions = model["hidden_size"], model["max_position_embeddings"]
@@ -184,7 +188,7 @@ class DiffusionGemma:
         check_memory(weights_file.stat().st_size, self.backend, quantized=is_quantized(self.manifest))
         release = weights_file if memory_upkeep and worth_releasing(weights_file) else None
         with releasing_mapped_pages(release, while_loading=True) if release else nullcontext():
-            session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision)
+            session = open_graph(self.folder, self.manifest, self.backend, device, threads, precision, cache_dir)
         if release:
             release_mapped_pages(release)  # what a page-out could not drop (a file this user does not own)
         static = session.sizes if isinstance(session, StaticShapes) else None
@@ -193,7 +197,7 @@ class DiffusionGemma:
         if static:  # the cache holds what the shapes were fixed for
             self.max_positions = min(self.max_positions, static["past_full"])
         self.vision = self.manifest.get("vision")  # the image path's sizes and token ids (None: text only)
-        self._vision_graph, self._options = None, (device, threads, precision)
+        self._vision_graph, self._options = None, (device, threads, precision, cache_dir)
         self.load_ms = (time.perf_counter() - started) * 1000
 
     # --- images ------------------------------------------------------------------------------------------------

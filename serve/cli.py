@@ -33,6 +33,8 @@ def parse_args(argv):
                         help="requests waiting beyond the one running; more get 503 with Retry-After (default 16)")
     parser.add_argument("--prefix-cache-mb", type=int, default=512,
                         help="memory for KV of earlier prompts reused by later ones; 0 turns it off (default 512)")
+    parser.add_argument("--cache-dir", type=Path, help="OpenVINO's model cache: the first start writes the compiled "
+                        "model there (about the weights' size), later starts read it instead of compiling")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('dg-edge')}")
     return parser.parse_args(argv)
@@ -52,10 +54,11 @@ def serve(args) -> int:
         raise UserError(f"--queue-size must be at least 1 (got {args.queue_size})")
     if args.prefix_cache_mb < 0:
         raise UserError(f"--prefix-cache-mb must be 0 or more (got {args.prefix_cache_mb})")
-    check_runtime_options(args.backend, args.threads, args.precision, seed=None)
+    check_runtime_options(args.backend, args.threads, args.precision, seed=None, cache_dir=args.cache_dir)
     listener = bind(args.host, args.port)  # before loading: a busy port is said at once
     model = load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
-                 precision=args.precision, verify=not args.no_verify, memory_upkeep=True)
+                 precision=args.precision, verify=not args.no_verify, memory_upkeep=True,
+                 cache_dir=args.cache_dir)
     model_id = args.model_name or args.artifact.resolve().name.removesuffix(".dg")
     app = create_app(model, model_id, args.api_key, args.queue_size, args.prefix_cache_mb)
     host, port = listener.getsockname()[:2]

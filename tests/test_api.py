@@ -96,3 +96,14 @@ def test_side_effects_are_opt_in(demo_artifact, tmp_path, monkeypatch):
     dg_runtime.load(corrupted)  # sizes are checked; the sha256 only when asked
     with pytest.raises(ArtifactError, match="sha256"):
         dg_runtime.load(corrupted, verify=True)
+
+
+def test_openvino_model_cache(demo_artifact, tmp_path):
+    """--cache-dir: the first start writes OpenVINO's compiled model, the next reads it, same replies."""
+    first = dg_runtime.load(demo_artifact, backend="openvino", cache_dir=tmp_path / "cache")
+    reply = first.generate_text("greet: alice")
+    assert any((tmp_path / "cache").iterdir())
+    second = dg_runtime.load(demo_artifact, backend="openvino", cache_dir=tmp_path / "cache")
+    assert second.generate_text("greet: alice") == reply == "hello alice, nice to meet you"
+    with pytest.raises(dg_runtime.SettingError, match="OpenVINO's model cache"):
+        dg_runtime.load(demo_artifact, backend="onnxruntime", cache_dir=tmp_path / "cache")
