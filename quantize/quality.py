@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from dg_runtime.generate import DiffusionGemma
-from dg_runtime.kv_state import STATE_FEED
 
 REPORT_FILE = "quality.json"
 PROMPT_COUNT, PROMPT_SEED = 8, 12345  # how many held-out problems the exporter measures on, drawn from which seed
@@ -44,8 +43,9 @@ class TeacherForced:
         self.model.graph.session = self.session
 
     def run(self, names, feeds):
-        fresh = {k: v for k, v in feeds.items() if not k.startswith("past.") and k != STATE_FEED}  # the model's cache
         reference = self.reference.graph
+        # the reference keeps its own cache, and is text-only: not the model's cache, state or image features
+        fresh = {k: v for k, v in feeds.items() if k in reference.session.input_names and not k.startswith("past.")}
         if not feeds["denoising"]:
             self.cache.append(reference.run(reference.present_names, {**fresh, **self.cache.feeds()}),
                               fresh["input_ids"].shape[1])

@@ -320,3 +320,18 @@ def test_by_layer_validation_checks_the_vision_graph(with_images, tmp_path):
     assert checked == {"vision.patch_embedder", "vision.encoder.layers.0", "vision.encoder.layers.1",
                        "vision.pooler+embed_vision"}
     assert all(row["ok"] for row in rows)
+
+
+def test_a_quantized_export_keeps_the_tower_at_fp32(with_images, tmp_path):
+    """The recipe quantizes the text path; the tower stays fp32 (its features are the fp32 artifact's), and the
+    export's quality report (text prompts against the fp32 graphs) runs beside the image path."""
+    artifact = export(with_images[1].parent / "checkpoint", tmp_path / "int8.dg", recipe="cpu-int8")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    tower = {name: t["format"] for name, t in manifest["weights"]["tensors"].items() if "vision" in name}
+    assert tower and set(tower.values()) == {"fp32"} and "quality" in manifest
+    picture = random_picture(40, 60, 3)
+    expected = DiffusionGemma(with_images[1]).image_features([picture])[0]
+    for backend in ("onnxruntime", "openvino"):
+        runtime = DiffusionGemma(artifact, backend=backend)
+        np.testing.assert_allclose(runtime.image_features([picture])[0], expected, atol=1e-5, rtol=1e-5)
+        assert runtime.generate_text("what is this?", images=[picture], seed=0) is not None
