@@ -116,9 +116,7 @@ def run(args) -> int:
         fast=args.fast, freeze_after=args.freeze_after, refresh_every=args.refresh_every,
     )
     images = model.open_images(args.images or [])
-    ids = model.prompt_ids(prompt, system=args.system, raw=args.raw, images=len(images))
-    if images:
-        ids = model.place_images(ids, model.image_token_counts(images))
+    ids = model.prompt_ids(prompt, system=args.system, raw=args.raw, images=images)
     shown = ""
     for event in model.stream_text(prompt, system=args.system, raw=args.raw, settings=settings, seed=args.seed,
                                    images=images):

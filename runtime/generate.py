@@ -248,15 +248,15 @@ class DiffusionGemma:
             counts.append(height * width // (spec.patch_size * spec.pooling_kernel) ** 2)
         return counts
 
-    def place_images(self, ids: list[int], counts: list[int]) -> list[int]:
-        """The prompt's image tokens, one per image as the chat template writes them, each expanded to its image's
-        `image_ids` (as transformers' processor does)."""
+    def place_images(self, ids: list[int], images: Sequence) -> list[int]:
+        """The prompt's image tokens, one per image as the chat template writes them, each expanded to its (opened)
+        image's `image_ids` (as transformers' processor does)."""
         marks = [i for i, token in enumerate(ids) if token == self.vision["image_token_id"]]
-        if len(marks) != len(counts):
-            raise UserError(f"the chat template placed {len(marks)} image(s) for {len(counts)} given: this artifact's "
+        if len(marks) != len(images):
+            raise UserError(f"the chat template placed {len(marks)} image(s) for {len(images)} given: this artifact's "
                             "template does not take images; build the token ids with image_ids() and call generate")
         placed = list(ids)
-        for mark, count in reversed(list(zip(marks, counts))):
+        for mark, count in reversed(list(zip(marks, self.image_token_counts(images)))):
             placed[mark: mark + 1] = self.image_ids(count)
         return placed
 
@@ -422,16 +422,19 @@ class DiffusionGemma:
 
     # --- text in, text out -------------------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str, *, system: str | None = None, raw: bool = False, images: int = 0) -> list[int]:
-        """The token ids of a prompt: the chat template around it (with a system turn) unless `raw`. `images`: that
-        many image parts before the text (one image token each, as the template writes them; see `place_images`)."""
+    def prompt_ids(self, prompt: str, *, system: str | None = None, raw: bool = False,
+                   images: Sequence = ()) -> list[int]:
+        """The token ids of a prompt: the chat template around it (with a system turn) unless `raw`. `images`
+        (opened: `open_images`) go before the text, each as its image tokens (see `place_images`)."""
         if raw:
             if system is not None:
                 raise UserError("a system message needs the chat template; leave out {raw} or {system}", "raw", "system")
-            ids = self.text.encode(prompt)
-            return [self.vision["image_token_id"]] * images + ids if images else ids
-        return self.text.chat_ids([*([{"role": "system", "content": system}] if system else []),
-                                   user_message(prompt, images)])
+            ids = [self.vision["image_token_id"]] * len(images) if images else []
+            ids += self.text.encode(prompt)
+        else:
+            ids = self.text.chat_ids([*([{"role": "system", "content": system}] if system else []),
+                                      user_message(prompt, len(images))])
+        return self.place_images(ids, images) if images else ids
 
     def text_streamer(self, settings: Settings | None = None, stop: Sequence[str] = ()) -> TextStreamer:
         return TextStreamer(self.text, self.eos_ids, self.pad_id, (settings or self.defaults).max_new_tokens, stop)
@@ -444,9 +447,7 @@ class DiffusionGemma:
         generation ends at the block where the reply ended (EOS, a `stop` string, max_new_tokens). `fast`: fast
         mode (as `Settings.fast`). `images` (paths, bytes or PIL images) come before the text in the user turn."""
         opened = self.open_images(images)
-        ids = self.prompt_ids(prompt, system=system, raw=raw, images=len(opened))
-        if opened:
-            ids = self.place_images(ids, self.image_token_counts(opened))
+        ids = self.prompt_ids(prompt, system=system, raw=raw, images=opened)
         settings = (settings or self.defaults).with_overrides(fast=fast or None)
         yield from stream_reply(self, self.stream([ids], settings=settings, seed=seed, noise=noise, images=opened),
                                 self.text_streamer(settings, stop))
@@ -524,7 +525,7 @@ class Chat:
         else:  # the history up to the last reply is cached (the reply's last tokens may still be unencoded)
             new_ids = self.model.text.continuation_ids(self.messages, message)
         if opened:
-            new_ids = self.model.place_images(new_ids, self.model.image_token_counts(opened))
+            new_ids = self.model.place_images(new_ids, opened)
         input_ids = np.concatenate([self.unencoded, np.array([new_ids], dtype=np.int64)], axis=1)
         cache = self.cache.copy()  # the turn extends a copy: the conversation changes only when the turn ends
         streamer = self.model.text_streamer(self.settings)

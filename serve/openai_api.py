@@ -106,7 +106,7 @@ def chat_ids(body: dict, model: DiffusionGemma) -> tuple[list[int], list]:
         images += found
     try:
         ids = model.text.chat_ids(rendered)
-        return (model.place_images(ids, model.image_token_counts(images)) if images else ids), images
+        return (model.place_images(ids, images) if images else ids), images
     except UserError as exc:
         raise ApiError(400, str(exc), param="messages") from None
 
@@ -154,7 +154,7 @@ def image_from_url(value, where: str, model: DiffusionGemma):
     try:
         return model.open_images([raw])[0]
     except UserError as exc:
-        raise ApiError(400, f"{where}: {exc}".replace("image 1", "the image"), param=where) from None
+        raise ApiError(400, f"{where}: {exc}", param=where) from None
 
 
 def prompt_ids(body: dict, model: DiffusionGemma) -> list[int]:

@@ -201,7 +201,7 @@ def test_text_with_images_places_them_as_the_processor_does(with_images, backend
     codec = runtime.text
     ids = [*codec.encode("<bos><start_of_turn>user\n"), *runtime.image_ids(count),
            *codec.encode("what is this?<end_of_turn>\n<start_of_turn>model\n")]
-    assert runtime.place_images(runtime.prompt_ids("what is this?", images=1), [count]) == ids
+    assert runtime.prompt_ids("what is this?", images=[picture]) == ids
     expected, _ = generate_with_noise(model, np.array([ids]), settings, NoiseSource(5),
                                       **processed([picture], ImageSpec(4, 3, 70)),
                                       mm_token_type_ids=(np.array([ids]) == IMAGE_IDS["image_token_id"]).astype(np.int64))
