@@ -1,22 +1,29 @@
-"""The vision tower of a config on synthetic weights: its graph built and streamed like an export's, one image encoded
-and timed on both backends.
+"""The vision tower of a config on synthetic weights: its graph built and streamed like an export's at fp32 and at
+int8, one image encoded and timed on both backends, and the int8 tower's features compared with the fp32 tower's.
 
-    python bench/vision_tower.py [--config tests/fixtures/diffusiongemma-26b-a4b-it] [--tokens 280] [--repeats 3]
+    python bench/vision_tower.py [--config tests/fixtures/diffusiongemma-26b-a4b-it] [--tower FILE.json]
+                                 [--tokens 280] [--repeats 3]
 
-Builds the vision graph (export/vision.py) of the config's tower with seeded random weights (SyntheticCheckpoint,
-fp32), into a folder in the cache, converts it for OpenVINO, then per backend: the first call (compile and weight
-packing included) and the median of `--repeats` more for one image of `--tokens` soft tokens (a grid of
-rows x columns patches, its pooled blocks as square as the count allows). Note: the published 26B's config in
-tests/fixtures has no vision_config, so transformers' default tower stands in (768 wide, 16 layers).
+Builds the vision graph (export/vision.py) of the config's tower (or of the vision_config in `--tower`) with seeded
+random weights (SyntheticCheckpoint) into a folder in the cache, once per tower format, converts it for OpenVINO,
+then per backend and format: the first call (compile and weight packing included), the median of `--repeats`
+more for one image of `--tokens` soft tokens (a grid of rows x columns patches, its pooled blocks as square as the
+count allows), and the int8 features' relative error ||int8 - fp32|| / ||fp32|| on that backend.
+
+The published 26B's config in tests/fixtures has no vision_config, so transformers' default tower (768 wide, 16
+layers) stands in unless `--tower` names one; bench/towers/gemma4-large-assumed.json is the 1152-wide, 27-layer
+tower public write-ups give the 26B (~550 M parameters; not checked against the published config).
 """
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+TOWER_FORMATS = ("fp32", "int8")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "diffusiongemma-26b-a4b-it"
 
 
@@ -29,6 +36,7 @@ def grid(tokens: int) -> tuple[int, int]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python bench/vision_tower.py")
     parser.add_argument("--config", type=Path, default=FIXTURE)
+    parser.add_argument("--tower", type=Path, help="a JSON vision_config to use instead of the config's")
     parser.add_argument("--tokens", type=int, default=280)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -43,21 +51,30 @@ def main(argv=None) -> None:
     from dg_export.synthetic import SyntheticCheckpoint
     from dg_export.vision import build_vision_model
     from dg_export.weights import WEIGHTS_FILE, Weights
+    from dg_quantize.roles import Precision
     from dg_runtime.backends import OnnxRuntimeGraph, OpenVinoGraph
 
     config = load_config(args.config)
+    if args.tower:
+        from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+        config.vision_config = Gemma4VisionConfig(**json.loads(args.tower.read_text()))
     vision = config.vision_config
-    folder = cache_dir() / f"bench-vision-{args.config.name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    weights = Weights(folder / WEIGHTS_FILE, SyntheticCheckpoint(config, "fp32", images=True))
-    try:
-        graphs = {target: build_vision_model(config, weights, target) for target in ("onnx", "openvino")}
-    finally:
-        weights.close()
-    onnx.save(graphs["onnx"], str(folder / "vision.onnx"))
-    openvino_graphs.convert(graphs["openvino"], folder / "vision.xml", folder / WEIGHTS_FILE)
-    built = time.perf_counter() - started
+    name = f"{args.config.name}-{args.tower.stem if args.tower else 'default'}"
+    built = {}
+    for tower_format in TOWER_FORMATS:
+        folder = cache_dir() / f"bench-vision-{name}-{tower_format}"
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        precision = Precision("fp32", vision=tower_format)
+        weights = Weights(folder / WEIGHTS_FILE, SyntheticCheckpoint(config, "fp32", images=True), precision)
+        try:
+            graphs = {target: build_vision_model(config, weights, target) for target in ("onnx", "openvino")}
+        finally:
+            weights.close()
+        onnx.save(graphs["onnx"], str(folder / "vision.onnx"))
+        openvino_graphs.convert(graphs["openvino"], folder / "vision.xml", folder / WEIGHTS_FILE)
+        built[tower_format] = (folder, time.perf_counter() - started, (folder / WEIGHTS_FILE).stat().st_size)
 
     k, p = vision.pooling_kernel_size, vision.patch_size
     rows, columns = (k * n for n in grid(args.tokens))
@@ -65,24 +82,30 @@ def main(argv=None) -> None:
     feeds = {"pixel_values": np.random.default_rng(0).random((1, rows * columns, 3 * p * p), dtype=np.float32),
              "pixel_positions": np.stack([column.ravel(), row.ravel()], axis=1)[None].astype(np.int64)}
     counts = vision_parameters(config)
-    print(f"\n{args.config.name}: vision tower {vision.hidden_size} wide, {vision.num_hidden_layers} layers, "
-          f"{counts['total'] / 1e6:.0f} M parameters ({4 * counts['total'] / 1e9:.2f} GB fp32), built and streamed in "
-          f"{built:.0f} s; one image of {args.tokens} tokens ({rows} x {columns} patches), {args.threads} threads\n")
-    print("| backend | first call (s) | per image (s, median) |")
-    print("|---|---:|---:|")
+    print(f"\n{name}: vision tower {vision.hidden_size} wide, {vision.num_hidden_layers} layers, "
+          f"{counts['total'] / 1e6:.0f} M parameters; one image of {args.tokens} tokens ({rows} x {columns} patches), "
+          f"{args.threads} threads; " + ", ".join(f"{f} built and streamed in {t:.0f} s ({size / 1e9:.2f} GB)"
+                                                  for f, (_, t, size) in built.items()) + "\n")
+    print("| backend | tower | first call (s) | per image (s, median) | features vs fp32 |")
+    print("|---|---|---:|---:|---:|")
     for backend in ("onnxruntime", "openvino"):
-        started = time.perf_counter()
-        session = (OnnxRuntimeGraph(folder / "vision.onnx", args.threads) if backend == "onnxruntime" else
-                   OpenVinoGraph(folder / "vision.xml", folder / WEIGHTS_FILE, "CPU", None, "f32", args.threads))
-        session.run(["image_features"], feeds)
-        first = time.perf_counter() - started
-        times = []
-        for _ in range(args.repeats):
+        features = {}
+        for tower_format, (folder, _, _) in built.items():
             started = time.perf_counter()
-            (features,) = session.run(["image_features"], feeds)
-            times.append(time.perf_counter() - started)
-        assert features.shape == (1, args.tokens, config.text_config.hidden_size)
-        print(f"| {backend} | {first:.2f} | {statistics.median(times):.2f} |")
+            session = (OnnxRuntimeGraph(folder / "vision.onnx", args.threads) if backend == "onnxruntime" else
+                       OpenVinoGraph(folder / "vision.xml", folder / WEIGHTS_FILE, "CPU", None, "f32", args.threads))
+            session.run(["image_features"], feeds)
+            first = time.perf_counter() - started
+            times = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                (features[tower_format],) = session.run(["image_features"], feeds)
+                times.append(time.perf_counter() - started)
+            assert features[tower_format].shape == (1, args.tokens, config.text_config.hidden_size)
+            error = np.linalg.norm(features[tower_format] - features["fp32"]) / np.linalg.norm(features["fp32"])
+            print(f"| {backend} | {tower_format} | {first:.2f} | {statistics.median(times):.2f} | "
+                  f"{'-' if tower_format == 'fp32' else f'{error:.2e}'} |")
+            del session
 
 
 if __name__ == "__main__":

@@ -35,14 +35,14 @@ VALIDATIONS = ("auto", "full", "by-layer")
 
 def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, recipe: str = DEFAULT_RECIPE,
            formats: Sequence[str] | None = None, weight_format: str | None = None, group_size: int | None = None,
-           sym: bool | None = None, ratio: float | None = None, overwrite: bool = False, validation: str | None = "auto",
-           atol: float = 1e-4, text_only: bool = False) -> Path:
+           sym: bool | None = None, ratio: float | None = None, vision_weight_format: str | None = None,
+           overwrite: bool = False, validation: str | None = "auto", atol: float = 1e-4, text_only: bool = False) -> Path:
     """Export `model` (a checkpoint folder, a hub id, `builtin:tiny`, `synthetic:FOLDER`, or an fp32/fp16 artifact
     to quantize) to the artifact folder `output` (default ./<model name>.dg) and return its path.
 
     recipe: a preset from recipes/ or a .json path; formats ("onnx", "openvino"), weight_format (fp32, fp16, int8,
-    int4), group_size (-1: per channel, OpenVINO only), sym and ratio (the share of int4 weights kept int4, the rest
-    int8) override it. validation: "auto" (full where transformers' model fits in 4 GB, else
+    int4), group_size (-1: per channel, OpenVINO only), sym, ratio (the share of int4 weights kept int4, the rest
+    int8) and vision_weight_format (the vision tower's: fp32, fp16 or int8) override it. validation: "auto" (full where transformers' model fits in 4 GB, else
     by layer), "full", "by-layer", or None for none. atol: validation's floor (see dg_export.validate).
     text_only: leave the vision tower out (it is exported when the checkpoint has one, see `takes_images`).
     The folder appears whole or not at all: the export writes a hidden staging folder beside it and renames it.
@@ -56,7 +56,8 @@ def export(model: str | Path = BUILTIN_ID, output: str | Path | None = None, *, 
     formats = list(formats or chosen["formats"])
     if not formats or not set(formats) <= {"onnx", "openvino"}:
         raise UserError(f"{{formats}} must be onnx, openvino or both (got {formats})", "formats")
-    precision = Precision(chosen["weights"], weight_format, group_size, sym, ratio, where="the weight format")
+    precision = Precision(chosen["weights"], weight_format, group_size, sym, ratio, vision_weight_format,
+                          where="the weight format")
     if precision.group == -1 and "int4" in precision.formats.values() and "onnx" in formats:
         raise UserError("per-channel int4 ({group_size} -1) is OpenVINO's: ONNX Runtime's MatMulNBits takes "
                         "power-of-two groups; choose {formats} openvino, or a group size", "group_size", "formats")
@@ -242,6 +243,10 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
         checkpoint = source.checkpoint(config)
         images = not text_only and takes_images(config, checkpoint, "static" in recipe["openvino"])
         shapes = expected_shapes(config, images)
+    if not images and precision.vision != "fp32":
+        print(f"dg-export: no vision tower in this export; the tower's {precision.vision} format does not apply",
+              file=sys.stderr)
+        precision.vision = "fp32"
     text = config.text_config
 
     params = sum(int(np.prod(checkpoint.shape(n))) for n in checkpoint.names() if n in shapes)
@@ -383,7 +388,7 @@ def choose_backup_tensors(weights, precision: Precision) -> None:
 def say_backup_precision(precision: Precision, schemes: dict) -> None:
     """Tensors whose width no int4 group divides were kept at int8 (as NNCF keeps them at its backup precision)."""
     kept = [name for name, scheme in schemes.items() if scheme.format == "int8"
-            and precision.formats[role_of(name)] == "int4" and name not in precision.backup]
+            and precision.format_of(role_of(name)) == "int4" and name not in precision.backup]
     if kept:
         print(f"dg-export: {len(kept)} tensor(s) kept at int8, the backup precision: no int4 group of at least 16 "
               f"divides their input width (first: {kept[0]}); the manifest records each tensor's format",
@@ -444,12 +449,13 @@ def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends:
     from .graphs import graph_specs
     from .weights import WEIGHTS_FILE, Weights
 
+    images = "vision" in manifest
     reference = staging / ".fp32-reference"
     reference.mkdir()
     try:
         weights = Weights(reference / WEIGHTS_FILE, checkpoint)
         try:
-            graphs = build_graphs(config, weights)
+            graphs = build_graphs(config, weights, images=images)
         finally:
             weights.close()
         for graph, model in graphs.items():
@@ -457,16 +463,17 @@ def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends:
         for file in staging.iterdir():
             if file.is_file() and file.suffix not in (".onnx", ".xml", ".bin") and not file.name.startswith("."):
                 shutil.copy2(file, reference / file.name)
-        text_only = {k: v for k, v in manifest.items() if k != "vision"}
-        write_manifest(reference, {**text_only, "modalities": ["text"], "precision": "fp32", "weights": {},
-                                   "graphs": graph_specs(config),
+        write_manifest(reference, {**manifest, "precision": "fp32", "weights": {},
+                                   "graphs": graph_specs(config, images=images),
                                    "openvino": {k: v for k, v in manifest["openvino"].items() if k != "static"},
-                                   "formats": {"onnx": {"graphs": {"model": "model.onnx"},
+                                   "formats": {"onnx": {"graphs": {g: f"{g}.onnx" for g in graphs},
                                                         "weights": WEIGHTS_FILE}}})
         write_manifest(staging, manifest)  # the runtime opens artifacts by their manifest
         # held-out demo problems: in the demo model's domain, as good as any text for random weights
         prompts = [prompt for prompt, _, _ in problems(demo or "tiny", quality.PROMPT_SEED, quality.PROMPT_COUNT)]
         rows = [quality.measure(staging, reference, backend, prompts) for backend in backends]
+        image_rows = [quality.measure(staging, reference, backend, prompts, with_images=True)
+                      for backend in backends] if images else []
         if demo:
             checkable = [(prompt, answer) for prompt, answer, _ in problems(demo, quality.PROMPT_SEED,
                                                                             quality.EXACT_MATCH_COUNT[demo])
@@ -478,7 +485,7 @@ def measure_quality(config, checkpoint, staging: Path, manifest: dict, backends:
     finally:
         shutil.rmtree(reference, ignore_errors=True)
     return {"precision": manifest["precision"], "reference": "fp32 ONNX graphs of the same checkpoint, ONNX Runtime",
-            "backends": rows}
+            "backends": rows, **({"images": image_rows} if images else {})}
 
 
 def print_validation(rows: list[dict], title: str) -> None:

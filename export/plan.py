@@ -112,6 +112,21 @@ def recipe_sizes(config) -> list[tuple[str, int, str]]:
     return rows
 
 
+def tower_sizes(config) -> dict[str, int]:
+    """The vision tower's stored bytes at each format --vision-weight-format offers."""
+    from dg_quantize.roles import VISION_FORMATS, Precision
+
+    from .synthetic import text_tensor_shapes
+    from .weights import stored_size
+
+    shapes = {name: shape for name, shape in text_tensor_shapes(config, images=True).items() if "vision" in name}
+    sizes = {}
+    for format_ in VISION_FORMATS:
+        precision = Precision("fp32", vision=format_)
+        sizes[format_] = sum(stored_size(shape, precision.scheme(name, shape)) for name, shape in shapes.items())
+    return sizes
+
+
 def kv_bytes_per_token(config) -> tuple[float, float]:
     """fp32 KV bytes per cached token in full layers, and the fixed cost of the sliding layers' window."""
     layers = kv_layout(config.text_config)
@@ -159,8 +174,9 @@ def print_plan(config, model_name: str, formats: list[str]) -> None:
         vision, tokens = vision_parameters(config), 280  # transformers' processor's default budget
         patches = tokens * config.vision_config.pooling_kernel_size ** 2
         flops = 2 * (vision["per_patch"] * patches + vision["per_token"] * tokens)
-        print(f"  vision tower (graph `vision`, exported when the checkpoint holds it; fp32 in every recipe): "
-              f"{vision['total'] / 1e6:.0f} M parameters, {4 * vision['total'] / GB:.2f} GB; an image of {tokens} "
+        sizes = ", ".join(f"{size / GB:.2f} GB {format_}" for format_, size in tower_sizes(config).items())
+        print(f"  vision tower (graph `vision`, exported when the checkpoint holds it; fp32 unless "
+              f"--vision-weight-format): {vision['total'] / 1e6:.0f} M parameters, {sizes}; an image of {tokens} "
               f"tokens ({patches} patches): ~{flops / 1e12:.2f} TFLOP (matmuls, excluding attention)")
     estimate = export_estimate(config, counts)
     print(f"  export ({', '.join(formats)}; weights streamed one chunk at a time, {estimate['validation']} "

@@ -6,6 +6,8 @@ Two kinds of run per prompt:
   are compared on equal inputs: top-1 agreement and KL(fp32 || quantized) of the tempered step distributions;
 - free: both generate on their own with the same seed: steps per block, tokens per forward, and the share of
   generated positions that come out the same.
+With a vision tower the same runs are repeated with a test picture before each prompt (the fp32 side gets its own
+tower's features of it), and the tower's features are compared: relative error ||ours - fp32|| / ||fp32||.
 The report is written into the artifact as quality.json.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dg_runtime.generate import DiffusionGemma
+from dg_runtime.generate import DiffusionGemma, user_message
 
 REPORT_FILE = "quality.json"
 PROMPT_COUNT, PROMPT_SEED = 8, 12345  # how many held-out problems the exporter measures on, drawn from which seed
@@ -31,21 +33,34 @@ class TeacherForced:
         self.session = model.graph.session
         self.output_names = self.session.output_names
         self.cache = reference.new_cache(1)
-        self.agreement, self.kl = [], []
+        self.agreement, self.kl, self.feature_errors = [], [], []
+        self.reference_rows = {}  # the model's image feature rows (bytes) -> the fp32 tower's for the same image
         # a large head has no logits output (export/graphs.py): then the steps' KL is not measured
         self.with_logits = "logits" in self.output_names and "logits" in reference.graph.session.output_names
 
     def __enter__(self):
         self.model.graph.session = self
+        self.model.image_features = self.image_features
         return self
 
     def __exit__(self, *exc):
         self.model.graph.session = self.session
+        del self.model.image_features
+
+    def image_features(self, images):
+        """Stands in for the model's: its tower's features, with the fp32 tower's of the same images noted."""
+        ours, counts = type(self.model).image_features(self.model, images)
+        theirs, _ = self.reference.image_features(images)
+        self.reference_rows.update((row.tobytes(), fp32_row) for row, fp32_row in zip(ours, theirs))
+        self.feature_errors.append(float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)))
+        return ours, counts
 
     def run(self, names, feeds):
         reference = self.reference.graph
-        # the reference keeps its own cache, and is text-only: not the model's cache, state or image features
+        # the reference keeps its own cache (not the model's cache or state) and its own tower's image features
         fresh = {k: v for k, v in feeds.items() if k in reference.session.input_names and not k.startswith("past.")}
+        if len(fresh.get("image_features", ())):
+            fresh["image_features"] = np.stack([self.reference_rows[row.tobytes()] for row in fresh["image_features"]])
         if not feeds["denoising"]:
             self.cache.append(reference.run(reference.present_names, {**fresh, **self.cache.feeds()}),
                               fresh["input_ids"].shape[1])
@@ -70,19 +85,37 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def measure(artifact: Path, reference: Path, backend: str, prompts: list[str], blocks: int = 2) -> dict:
+def sample_picture(seed: int):
+    """A deterministic picture of a size and aspect ratio that vary with `seed`: smooth colour ramps, with noise.
+    At most 4:3, so that even a tiny tower's position table spans its patches at the default 280 tokens."""
+    from PIL import Image
+
+    height, width = ((48, 64), (80, 60), (64, 64), (45, 36))[seed % 4]
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    ramps = np.stack([np.sin(6 * x + seed), np.cos(4 * y - seed), np.sin(3 * (x + y))], axis=-1)
+    pixels = 127.5 * (1 + 0.8 * ramps) + rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def measure(artifact: Path, reference: Path, backend: str, prompts: list[str], blocks: int = 2,
+            with_images: bool = False) -> dict:
     """The report's row for one backend of the quantized artifact, against the fp32 artifact on ONNX Runtime: each
-    prompt (chat template applied) is generated for up to `blocks` canvases with the seed of its index."""
+    prompt (chat template applied) is generated for up to `blocks` canvases with the seed of its index;
+    `with_images`: after test picture `seed`, and the row has the tower's feature error."""
     model, fp32 = DiffusionGemma(artifact, backend=backend), DiffusionGemma(reference, backend="onnxruntime")
     settings = model.defaults.with_overrides(max_new_tokens=blocks * model.canvas_length)
     agreement, kl, steps, fp32_steps, rates, fp32_rates, same, started = [], [], [], [], [], [], [], time.perf_counter()
+    feature_errors = []
     for seed, text in enumerate(prompts):
-        ids = [model.prompt_ids(text)]
+        images = model.open_images([sample_picture(seed)]) if with_images else []
+        ids = [prompt_ids(model, text, images)]
         with TeacherForced(model, fp32) as forced:
-            model.generate(ids, settings=settings, seed=seed)
+            model.generate(ids, settings=settings, seed=seed, images=images)
         agreement += forced.agreement
         kl += forced.kl
-        ours, theirs = model.generate(ids, settings=settings, seed=seed), fp32.generate(ids, settings=settings, seed=seed)
+        feature_errors += forced.feature_errors
+        ours, theirs = (m.generate(ids, settings=settings, seed=seed, images=images) for m in (model, fp32))
         steps += ours.stats.steps_per_block
         fp32_steps += theirs.stats.steps_per_block
         rates.append(ours.stats.tokens_per_forward)
@@ -100,8 +133,18 @@ def measure(artifact: Path, reference: Path, backend: str, prompts: list[str], b
         "tokens_per_forward": float(np.mean(rates)),
         "fp32_tokens_per_forward": float(np.mean(fp32_rates)),
         "generation_token_agreement": float(np.mean(same)),
+        **({"feature_relative_error": float(np.max(feature_errors))} if with_images else {}),
         "seconds": time.perf_counter() - started,
     }
+
+
+def prompt_ids(model: DiffusionGemma, text: str, images: list) -> list[int]:
+    """The prompt with its images where the chat template places them, or before it if the template places none."""
+    placed = model.text.chat_ids([user_message(text, len(images))]) if images else []
+    if placed.count(model.vision and model.vision["image_token_id"]) == len(images):
+        return model.prompt_ids(text, images=images)
+    return [token for count in model.image_token_counts(images) for token in model.image_ids(count)] + \
+        model.prompt_ids(text)
 
 
 def pad_to(tokens: np.ndarray, length: int, pad_id: int) -> np.ndarray:
@@ -124,16 +167,27 @@ def read_report(artifact: Path) -> dict:
 
 
 def format_report(report: dict) -> str:
+    exact = "demo_exact_match" in report["backends"][0]
     lines = [f"quality of {report['precision']} against the fp32 graphs (same prompts, same noise):",
              "  backend      step argmax agree  step KL (nats)  steps/block (fp32)  tokens/forward (fp32)  "
-             "tokens same" + ("  demo exact match (fp32)" if "demo_exact_match" in report["backends"][0] else "")]
-    for row in report["backends"]:
-        kl = "n/a" if row["step_kl_mean"] is None else f"{row['step_kl_mean']:.2e}"
-        line = (f"  {row['backend']:11}  {row['step_argmax_agreement'] * 100:16.2f} %  {kl:>14}  "
-                f"{row['steps_per_block']:8.2f} ({row['fp32_steps_per_block']:.2f})  "
-                f"{row['tokens_per_forward']:11.2f} ({row['fp32_tokens_per_forward']:.2f})  "
-                f"{row['generation_token_agreement'] * 100:9.1f} %")
-        if "demo_exact_match" in row:
-            line += f"  {row['demo_exact_match'] * 100:9.1f} % ({row['fp32_demo_exact_match'] * 100:.1f} %)"
-        lines.append(line)
+             "tokens same" + ("  demo exact match (fp32)" if exact else "")]
+    lines += [format_row(row) for row in report["backends"]]
+    if "images" in report:
+        lines += ["with a test picture before each prompt (the fp32 side reads its own tower's features):",
+                  "  backend      step argmax agree  step KL (nats)  steps/block (fp32)  tokens/forward (fp32)  "
+                  "tokens same  tower features error"]
+        lines += [format_row(row) for row in report["images"]]
     return "\n".join(lines)
+
+
+def format_row(row: dict) -> str:
+    kl = "n/a" if row["step_kl_mean"] is None else f"{row['step_kl_mean']:.2e}"
+    line = (f"  {row['backend']:11}  {row['step_argmax_agreement'] * 100:16.2f} %  {kl:>14}  "
+            f"{row['steps_per_block']:8.2f} ({row['fp32_steps_per_block']:.2f})  "
+            f"{row['tokens_per_forward']:11.2f} ({row['fp32_tokens_per_forward']:.2f})  "
+            f"{row['generation_token_agreement'] * 100:9.1f} %")
+    if "demo_exact_match" in row:
+        line += f"  {row['demo_exact_match'] * 100:9.1f} % ({row['fp32_demo_exact_match'] * 100:.1f} %)"
+    if "feature_relative_error" in row:
+        line += f"  {row['feature_relative_error']:20.2e}"
+    return line

@@ -8,6 +8,10 @@ A recipe's "weights" is either one format for every matrix ("fp32") or one per r
 `group_size` -1 is int4 per output channel (what NPUs prefer); `ratio` is optimum-cli's: the share of the int4
 roles' parameters stored int4, the rest (the tensors int4 would hurt most, see sensitivity.py) at int8.
 
+The vision tower's matrices (role "vision") stay fp32 unless "vision" names fp16 or int8: an image's features pass
+through the whole tower once and are then read by every step, so its error is paid everywhere (the quality report
+measures it); int4 is refused.
+
 Norms, scalars and the router's per-expert scales are vectors and always stay fp32.
 """
 
@@ -16,13 +20,14 @@ from dg_runtime.errors import UserError
 from .schemes import FLOAT_FORMATS, FORMATS, Scheme
 
 ROLES = ("embedding", "attention", "mlp", "router", "experts")
+VISION_FORMATS = ("fp32", "fp16", "int8")
 DEFAULT_GROUP = 128  # optimum-cli's; narrowed per tensor where the width needs it (the expert width 704 takes 64)
 
 
 def role_of(source: str) -> str:
     """The role of a checkpoint matrix, from its name."""
     if "vision_tower" in source or "embed_vision" in source:
-        return "vision"  # not one of ROLES: kept at fp32 (Precision.scheme)
+        return "vision"  # not one of ROLES: fp32 unless asked (Precision.vision)
     if "embed_tokens" in source or source == "lm_head.weight":
         return "embedding"
     if ".self_attn." in source:
@@ -48,12 +53,14 @@ class Precision:
     """The scheme of every role, from a recipe's "weights" entry with command-line overrides applied."""
 
     def __init__(self, weights, weight_format: str | None = None, group_size: int | None = None,
-                 sym: bool | None = None, ratio: float | None = None, where: str = "recipe"):
+                 sym: bool | None = None, ratio: float | None = None, vision: str | None = None,
+                 where: str = "recipe"):
         spec = dict(weights) if isinstance(weights, dict) else {role: weights for role in ROLES}
         if weight_format is not None:
             spec.update(weight_formats(weight_format))
         group, symmetric = spec.pop("group_size", DEFAULT_GROUP), spec.pop("sym", False)
-        share = spec.pop("ratio", 1.0)
+        share, tower = spec.pop("ratio", 1.0), spec.pop("vision", "fp32")
+        tower = vision if vision is not None else tower
         group = group_size if group_size is not None else group
         symmetric = sym if sym is not None else symmetric
         share = ratio if ratio is not None else share
@@ -72,26 +79,37 @@ class Precision:
                             f"{group!r})")
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
             raise UserError(f"--ratio is the share of the int4 weights kept int4, from 0 to 1 (got {share!r})")
+        if tower not in VISION_FORMATS:
+            raise UserError(f"{where} asks for {tower!r} vision tower weights; choose one of {', '.join(VISION_FORMATS)}"
+                            " (int4 is not offered: the tower's error reaches every step)")
         self.formats, self.group, self.sym, self.ratio = spec, group, bool(symmetric), float(share)
+        self.vision = tower
         self.backup: set[str] = set()  # the tensors --ratio keeps at int8 (see sensitivity.backup_tensors)
 
     def scheme(self, source: str, shape: tuple) -> Scheme:
         """How a tensor of this name and shape is stored: vectors in fp32, matrices as their role says."""
-        role = role_of(source)
-        format_ = self.formats[role] if len(shape) > 1 and role in self.formats else "fp32"
+        format_ = self.format_of(role_of(source), shape) if len(shape) > 1 else "fp32"
         if format_ == "int4" and source in self.backup:
             return Scheme("int8")
         if format_ != "int4":
             return Scheme(format_)
         return Scheme("int4", self.group, self.sym).for_columns(shape[-1])
 
+    def format_of(self, role: str, shape: tuple = (0, 0)) -> str:
+        """The format of a matrix of this role; the tower's position table ([2, positions, hidden], looked up, not
+        multiplied) stays fp32."""
+        if role == "vision":
+            return self.vision if len(shape) == 2 else "fp32"
+        return self.formats[role]
+
     @property
     def quantized(self) -> bool:
-        return any(f not in FLOAT_FORMATS for f in self.formats.values())
+        return any(f not in FLOAT_FORMATS for f in (*self.formats.values(), self.vision))
 
     def summary(self) -> dict:
-        """For the manifest: the format of each role, and the int4 settings when int4 is used."""
-        entry = dict(self.formats)
+        """For the manifest: the format of each role (the tower's when not fp32), and the int4 settings when int4
+        is used."""
+        entry = {**self.formats, **({"vision": self.vision} if self.vision != "fp32" else {})}
         if "int4" in self.formats.values():
             entry.update(group_size=self.group, sym=self.sym, ratio=self.ratio)
         return entry
@@ -99,7 +117,9 @@ class Precision:
     def label(self) -> str:
         """A short name: 'fp32', or 'int4 experts (group 64, sym), int8 embedding/attention/mlp, fp32 router'."""
         by_format: dict[str, list] = {}
-        for role, format_ in self.formats.items():
+        for role, format_ in self.summary().items():
+            if role not in (*ROLES, "vision"):
+                continue
             by_format.setdefault(format_, []).append(role)
         settings = ["per channel" if self.group == -1 else f"group {self.group}", "sym" if self.sym else "asym"]
         if self.ratio < 1:

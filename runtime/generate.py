@@ -505,13 +505,17 @@ class Chat:
     """A multi-turn conversation that keeps the KV cache: a later turn encodes only its new tokens.
 
     `messages` ([{"role": "system" | "user" | "assistant", "content": str}, ...]) starts from a given history (it
-    is encoded with the first new turn). A turn that does not reach its end (the caller stops iterating, an
-    exception, Ctrl-C) leaves no trace: the cache and `messages` change only when a turn's Done is yielded."""
+    is encoded with the first new turn); a user message's content may also be parts, as chat templates read them:
+    [{"type": "image", "image": a path, bytes or PIL image}, {"type": "text", "text": str}]. A turn that does not
+    reach its end (the caller stops iterating, an exception, Ctrl-C) leaves no trace: the cache and `messages`
+    change only when a turn's Done is yielded."""
 
     def __init__(self, model: DiffusionGemma, *, system: str | None = None, messages: Sequence[dict] = (),
                  settings: Settings | None = None):
         self.model, self.settings = model, settings or model.defaults
-        self.messages = check_messages([*([{"role": "system", "content": system}] if system else []), *messages])
+        self.messages, images = check_messages([*([{"role": "system", "content": system}] if system else []),
+                                                *messages])
+        self.unencoded_images = model.open_images(images)  # the history's, encoded with the first new turn
         self.cache = model.new_cache(1)
         self.unencoded = np.zeros((1, 0), dtype=np.int64)  # the last reply's tokens, not yet in the cache
 
@@ -522,6 +526,7 @@ class Chat:
         message = user_message(text, len(opened))
         if self.cache.length == 0:  # nothing encoded yet: the whole conversation
             new_ids = self.model.text.chat_ids([*self.messages, message])
+            opened = [*self.unencoded_images, *opened]
         else:  # the history up to the last reply is cached (the reply's last tokens may still be unencoded)
             new_ids = self.model.text.continuation_ids(self.messages, message)
         if opened:
@@ -534,7 +539,7 @@ class Chat:
             if isinstance(event, Done):
                 # Blocks before the last one were encoded during generation; the last reply block was not.
                 encoded_blocks = len(event.stats.steps_per_block) - 1
-                self.cache = cache
+                self.cache, self.unencoded_images = cache, []
                 self.unencoded = streamer.tokens[None, encoded_blocks * self.model.canvas_length:]
                 self.messages = [*self.messages, message, {"role": "assistant", "content": event.text}]
             yield event
@@ -546,10 +551,24 @@ class Chat:
         return event.text
 
 
-def check_messages(messages: Sequence[dict]) -> list[dict]:
-    roles = ("system", "user", "assistant")
+def check_messages(messages: Sequence[dict]) -> tuple[list[dict], list]:
+    """The messages as the chat template reads them (an image part without its image), and the images in order."""
+    checked, images = [], []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in roles or not isinstance(message.get("content"), str):
-            raise UserError(f"messages[{i}] must be {{'role': one of {', '.join(roles)}, 'content': a string}} "
-                            f"(got {message!r})")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        content = message.get("content") if isinstance(message, dict) else None
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "user", "assistant") or not (
+                isinstance(content, str) or role == "user" and isinstance(content, list)):
+            raise UserError(f"messages[{i}] must be {{'role': one of system, user, assistant, 'content': a string, "
+                            f"or for a user a list of text and image parts}} (got {message!r})")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image" and "image" in part:
+                    images.append(part["image"])
+                elif kind != "text" or not isinstance(part.get("text"), str):
+                    raise UserError(f"messages[{i}].content[{j}] must be {{'type': 'text', 'text': a string}} or "
+                                    f"{{'type': 'image', 'image': a path, bytes or PIL image}} (got {part!r})")
+            content = [{"type": "image"} if part["type"] == "image" else part for part in content]
+        checked.append({"role": role, "content": content})
+    return checked, images

@@ -3,6 +3,7 @@ vision tower and embedder (`get_image_features`) on images of several sizes and 
 runtime/images.py, through a held-out tower (grouped KV heads, two layers, standardized features) and the demo's;
 and generation with images in the prompt against its `generate` with the same noise."""
 
+import copy
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImagePr
 
 from dg_export import export
 from dg_export.builtin import GENERATION_CONFIG, TEXT_CONFIG, TINY_VISION_CONFIG, write_tokenizer
+from dg_export.plan import tower_sizes
 from dg_export.reference import generate_with_noise
 from dg_export.checkpoint import Checkpoint
 from dg_export.source import load_config
@@ -212,12 +214,44 @@ def test_text_with_images_places_them_as_the_processor_does(with_images, backend
     assert chat.messages[0]["content"][0] == {"type": "image"} and chat.send("and now?", seed=6) is not None
 
 
+def test_a_chat_restored_with_images_encodes_them(with_images):
+    """Chat(messages=...) with image parts: the history's images go in with the first new turn, where the
+    template placed them."""
+    runtime = DiffusionGemma(with_images[1])
+    picture = random_picture(50, 30, 8)
+    settings = Settings(max_new_tokens=32, max_denoising_steps=6, entropy_bound=0.5, t_max=0.3, t_min=0.1)
+    history = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "what?"}]},
+               {"role": "assistant", "content": "a picture"}]
+    chat = Chat(runtime, settings=settings, messages=history)
+    as_templated = [{**history[0], "content": [{"type": "image"}, history[0]["content"][1]]}, history[1],
+                    {"role": "user", "content": "and now?"}]
+    opened = runtime.open_images([picture])
+    ids = runtime.place_images(runtime.text.chat_ids(as_templated), opened)
+    expected = runtime.generate([ids], settings=settings, seed=6, images=opened).tokens[0]
+    assert chat.send("and now?", seed=6) == runtime.text.decode(runtime.reply(expected))
+    assert chat.messages[0] == as_templated[0] and chat.send("and then?", seed=7) is not None
+    with pytest.raises(UserError, match=r"messages\[0\].content\[0\] must be"):
+        Chat(runtime, messages=[{"role": "user", "content": [{"type": "image"}]}])  # an image part with no image
+
+
 def test_a_template_without_images_is_said(with_images):
     runtime = DiffusionGemma(with_images[1])
     runtime.text.template = runtime.text.template.environment.from_string(
         "{% for message in messages %}{{ message['content'] }}{% endfor %}")  # one that ignores image parts
     with pytest.raises(UserError, match="placed 0 image\\(s\\) for 1 given"):
         runtime.generate_text("hi", images=[random_picture(20, 20, 1)])
+
+
+def test_the_quality_report_places_its_picture_where_the_template_cannot(with_images):
+    from dg_quantize.quality import prompt_ids, sample_picture
+
+    runtime = DiffusionGemma(with_images[1])
+    picture = runtime.open_images([sample_picture(0)])
+    assert prompt_ids(runtime, "hi", picture) == runtime.prompt_ids("hi", images=picture)
+    runtime.text.template = runtime.text.template.environment.from_string(
+        "{% for message in messages %}{{ message['content'] }}{% endfor %}")  # one that ignores image parts
+    count = runtime.image_token_counts(picture)[0]
+    assert prompt_ids(runtime, "hi", picture) == [*runtime.image_ids(count), *runtime.prompt_ids("hi")]
 
 
 def test_dg_run_takes_images(with_images, tmp_path):
@@ -335,3 +369,60 @@ def test_a_quantized_export_keeps_the_tower_at_fp32(with_images, tmp_path):
         runtime = DiffusionGemma(artifact, backend=backend)
         np.testing.assert_allclose(runtime.image_features([picture])[0], expected, atol=1e-5, rtol=1e-5)
         assert runtime.generate_text("what is this?", images=[picture], seed=0) is not None
+
+
+def int8_tower_features(model, pictures: list, spec: ImageSpec) -> np.ndarray:
+    """transformers' features of `pictures` with the tower's matrices rounded to int8 per output channel (what the
+    int8 tower stores; the activations stay float)."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in rounded.named_parameters():
+            if "vision" in name and parameter.ndim == 2:
+                scale = parameter.abs().amax(dim=1, keepdim=True) / 127
+                parameter.copy_(torch.round(parameter / scale) * scale)
+        features = []
+        for picture in pictures:
+            values, positions = patches(picture, spec)
+            features.append(rounded.model.encoder.get_image_features(
+                torch.from_numpy(values[None]), torch.from_numpy(positions[None])).pooler_output.numpy())
+    return np.concatenate(features).reshape(-1, model.config.text_config.hidden_size)
+
+
+def test_an_int8_tower_is_close_to_the_fp32_one_and_reported(with_images, tmp_path):
+    """--vision-weight-format int8: the tower's matrices stored int8 and its features as close to the fp32 tower's as
+    transformers' own tower with those int8 weights (OpenVINO: weight-only int8, so within 1.5x of that; ONNX Runtime
+    also rounds each matmul's input to 8 bits with one scale, so only a bound that a wrong op breaks), and the
+    quality report's image rows measure it (the fp32 side reading its own tower's features)."""
+    model, fp32_artifact = with_images
+    artifact = export(fp32_artifact.parent / "checkpoint", tmp_path / "tower-int8.dg", recipe="cpu-fp32",
+                      vision_weight_format="int8")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    tower = {name: t["format"] for name, t in manifest["weights"]["tensors"].items() if "vision" in name}
+    assert tower["model.encoder.vision_tower.encoder.layers.0.mlp.down_proj.linear.weight"] == "int8"
+    assert tower["model.encoder.vision_tower.patch_embedder.position_embedding_table"] == "fp32"  # looked up
+    assert manifest["weights"]["roles"]["vision"] == "int8" and manifest["precision"].endswith("int8 vision")
+    fp32_manifest = json.loads((fp32_artifact / "manifest.json").read_text())
+    planned = tower_sizes(load_config(fp32_artifact.parent / "checkpoint"))  # what --dry-run prints
+    assert (fp32_manifest["weights"]["stored_bytes"] - manifest["weights"]["stored_bytes"] ==
+            planned["fp32"] - planned["int8"])
+    pictures = [random_picture(40, 60, 3), random_picture(70, 30, 4)]
+    fp32 = DiffusionGemma(fp32_artifact).image_features(pictures)[0]
+    runtime = DiffusionGemma(fp32_artifact)
+    expected = np.linalg.norm(int8_tower_features(model, pictures, runtime.image_spec) - fp32) / np.linalg.norm(fp32)
+    assert expected > 1e-3  # int8 changes these features measurably
+    for backend, bound in (("openvino", 1.5 * expected), ("onnxruntime", 0.1)):
+        ours = DiffusionGemma(artifact, backend=backend).image_features(pictures)[0]
+        error = np.linalg.norm(ours - fp32) / np.linalg.norm(fp32)
+        assert 0.5 * expected < error < bound, (backend, error, expected)
+    report = json.loads((artifact / "quality.json").read_text())
+    assert [row["backend"] for row in report["images"]] == ["onnxruntime", "openvino"]
+    for row in report["images"]:
+        assert 1e-3 < row["feature_relative_error"] < 0.1
+        assert row["steps_compared"] > 0 and 0.9 < row["step_argmax_agreement"] < 1.0
+    assert all(row["step_argmax_agreement"] > 0.999 for row in report["backends"])  # fp32 text: the text is exact
+
+
+def test_the_tower_takes_no_4_bit_weights(with_images, tmp_path):
+    with pytest.raises(UserError, match="int4 is not offered"):
+        export(with_images[1].parent / "checkpoint", tmp_path / "tower-int4.dg", vision_weight_format="int4")
+    assert not (tmp_path / "tower-int4.dg").exists()
