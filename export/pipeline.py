@@ -103,7 +103,7 @@ def plan(model: str | Path, formats: Sequence[str] = ("onnx", "openvino")) -> No
     from .source import load_config
 
     source = Source(str(model), need_weights=False)
-    print_plan(load_config(source.folder), str(model), list(formats))
+    print_plan(load_config(source.folder), str(model), list(formats), "vision_config" in source.raw_config)
 
 
 def existing_parent(path: Path) -> None:

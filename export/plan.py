@@ -140,7 +140,8 @@ def format_shape(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def print_plan(config, model_name: str, formats: list[str]) -> None:
+def print_plan(config, model_name: str, formats: list[str], declares_vision: bool = True) -> None:
+    """`declares_vision`: config.json has a vision_config (without one transformers builds its default tower)."""
     text = config.text_config
     counts = count_parameters(config)
     specs = graph_specs(config)
@@ -175,7 +176,8 @@ def print_plan(config, model_name: str, formats: list[str]) -> None:
         patches = tokens * config.vision_config.pooling_kernel_size ** 2
         flops = 2 * (vision["per_patch"] * patches + vision["per_token"] * tokens)
         sizes = ", ".join(f"{size / GB:.2f} GB {format_}" for format_, size in tower_sizes(config).items())
-        print(f"  vision tower (graph `vision`, exported when the checkpoint holds it; fp32 unless "
+        default = "" if declares_vision else "transformers' default, config.json declares none; "
+        print(f"  vision tower ({default}graph `vision`, exported when the checkpoint holds it; fp32 unless "
               f"--vision-weight-format): {vision['total'] / 1e6:.0f} M parameters, {sizes}; an image of {tokens} "
               f"tokens ({patches} patches): ~{flops / 1e12:.2f} TFLOP (matmuls, excluding attention)")
     estimate = export_estimate(config, counts)

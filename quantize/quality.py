@@ -6,7 +6,7 @@ Two kinds of run per prompt:
   are compared on equal inputs: top-1 agreement and KL(fp32 || quantized) of the tempered step distributions;
 - free: both generate on their own with the same seed: steps per block, tokens per forward, and the share of
   generated positions that come out the same.
-With a vision tower the same runs are repeated with a test picture before each prompt (the fp32 side gets its own
+With a vision tower the same runs are repeated with a sample picture before each prompt (the fp32 side gets its own
 tower's features of it), and the tower's features are compared: relative error ||ours - fp32|| / ||fp32||.
 The report is written into the artifact as quality.json.
 """
@@ -102,7 +102,7 @@ def measure(artifact: Path, reference: Path, backend: str, prompts: list[str], b
             with_images: bool = False) -> dict:
     """The report's row for one backend of the quantized artifact, against the fp32 artifact on ONNX Runtime: each
     prompt (chat template applied) is generated for up to `blocks` canvases with the seed of its index;
-    `with_images`: after test picture `seed`, and the row has the tower's feature error."""
+    `with_images`: after sample picture `seed`, and the row has the tower's feature error."""
     model, fp32 = DiffusionGemma(artifact, backend=backend), DiffusionGemma(reference, backend="onnxruntime")
     settings = model.defaults.with_overrides(max_new_tokens=blocks * model.canvas_length)
     agreement, kl, steps, fp32_steps, rates, fp32_rates, same, started = [], [], [], [], [], [], [], time.perf_counter()
@@ -140,8 +140,9 @@ def measure(artifact: Path, reference: Path, backend: str, prompts: list[str], b
 
 def prompt_ids(model: DiffusionGemma, text: str, images: list) -> list[int]:
     """The prompt with its images where the chat template places them, or before it if the template places none."""
-    placed = model.text.chat_ids([user_message(text, len(images))]) if images else []
-    if placed.count(model.vision and model.vision["image_token_id"]) == len(images):
+    if not images:
+        return model.prompt_ids(text)
+    if model.text.chat_ids([user_message(text, len(images))]).count(model.vision["image_token_id"]) == len(images):
         return model.prompt_ids(text, images=images)
     return [token for count in model.image_token_counts(images) for token in model.image_ids(count)] + \
         model.prompt_ids(text)
@@ -173,7 +174,7 @@ def format_report(report: dict) -> str:
              "tokens same" + ("  demo exact match (fp32)" if exact else "")]
     lines += [format_row(row) for row in report["backends"]]
     if "images" in report:
-        lines += ["with a test picture before each prompt (the fp32 side reads its own tower's features):",
+        lines += ["with a sample picture before each prompt (the fp32 side reads its own tower's features):",
                   "  backend      step argmax agree  step KL (nats)  steps/block (fp32)  tokens/forward (fp32)  "
                   "tokens same  tower features error"]
         lines += [format_row(row) for row in report["images"]]
