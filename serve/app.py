@@ -31,8 +31,9 @@ class Finished:
 
 
 def create_app(model: DiffusionGemma, model_id: str, api_key: str | None = None, queue_size: int = 16,
-               prefix_cache_mb: int = 512, max_body_bytes: int | None = None) -> Starlette:
-    """`max_body_bytes` default: 1 MB, or 32 MB for an artifact that takes images (sent inline, base64)."""
+               prefix_cache_mb: int = 512, max_body_bytes: int | None = None, image_urls: bool = False) -> Starlette:
+    """`max_body_bytes` default: 1 MB, or 32 MB for an artifact that takes images (sent inline, base64).
+    `image_urls`: fetch http(s) image URLs (off: only inline data: URLs)."""
     engine = Engine(model, queue_size, prefix_cache_mb << 20)
     max_body_bytes = max_body_bytes or (32 << 20 if model.vision else 1 << 20)
     page = files(__package__).joinpath("page.html").read_text()
@@ -64,7 +65,9 @@ def create_app(model: DiffusionGemma, model_id: str, api_key: str | None = None,
                                kind="authentication_error", code="invalid_api_key")
 
     async def completions(request: HttpRequest, chat: bool):
-        parsed = api.parse_request(await read_body(request), model, model_id, chat)
+        body = await read_body(request)
+        # off the event loop: images are decoded (and with image_urls fetched) while parsing
+        parsed = await asyncio.to_thread(api.parse_request, body, model, model_id, chat, image_urls)
         job = Job(parsed.ids, parsed.settings, parsed.seed, parsed.images)
         try:
             engine.submit(job)

@@ -35,6 +35,9 @@ def parse_args(argv):
                         help="memory for KV of earlier prompts reused by later ones; 0 turns it off (default 512)")
     parser.add_argument("--cache-dir", type=Path, help="OpenVINO's model cache: the first start writes the compiled "
                         "model there (about the weights' size), later starts read it instead of compiling")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image URLs in image_url parts (default: only inline base64 data: URLs; "
+                             "a server that fetches URLs reaches what its network reaches for its clients)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('dg-edge')}")
     return parser.parse_args(argv)
@@ -60,7 +63,8 @@ def serve(args) -> int:
                  precision=args.precision, verify=not args.no_verify, memory_upkeep=True,
                  cache_dir=args.cache_dir)
     model_id = args.model_name or args.artifact.resolve().name.removesuffix(".dg")
-    app = create_app(model, model_id, args.api_key, args.queue_size, args.prefix_cache_mb)
+    app = create_app(model, model_id, args.api_key, args.queue_size, args.prefix_cache_mb,
+                     image_urls=args.allow_image_urls)
     host, port = listener.getsockname()[:2]
     print(f"dg-serve: {model_id} on {model.backend}, http://{host}:{port} (the page at /, the API at /v1)",
           file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ EXTRA_FIELDS = {"steps": "max_denoising_steps", "entropy_bound": "entropy_bound"
 API_NAMES = {"max_new_tokens": "max_tokens", **{setting: name for name, setting in EXTRA_FIELDS.items()}}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
+IMAGE_URL_TIMEOUT, MAX_IMAGE_URL_BYTES = 10, 32 << 20  # an image fetched for --allow-image-urls
 
 
 class ApiError(Exception):
@@ -48,12 +49,13 @@ class Request:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool) -> Request:
-    """Check a chat or completions body and turn it into token ids and settings; ApiError names the first problem."""
+def parse_request(body: dict, model: DiffusionGemma, model_id: str, chat: bool, image_urls: bool = False) -> Request:
+    """Check a chat or completions body and turn it into token ids and settings; ApiError names the first problem.
+    `image_urls`: image_url parts may be http(s) URLs, fetched here (dg-serve --allow-image-urls)."""
     if "model" in body and body["model"] != model_id:
         raise ApiError(404, f"model {body['model']!r} does not exist; this server serves {model_id!r}",
                        param="model", code="model_not_found")
-    ids, images = chat_ids(body, model) if chat else (prompt_ids(body, model), [])
+    ids, images = chat_ids(body, model, image_urls) if chat else (prompt_ids(body, model), [])
     n = body.get("n", 1)
     if n != 1:
         raise ApiError(400, f"n must be 1 (got {n!r}): this server generates one choice per request", param="n")
@@ -88,7 +90,7 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def chat_ids(body: dict, model: DiffusionGemma) -> tuple[list[int], list]:
+def chat_ids(body: dict, model: DiffusionGemma, image_urls: bool = False) -> tuple[list[int], list]:
     """The conversation's token ids (images expanded to their tokens) and its images, decoded, in order."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -101,7 +103,7 @@ def chat_ids(body: dict, model: DiffusionGemma) -> tuple[list[int], list]:
         role = message.get("role")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role {role!r} is not one of {', '.join(ROLES)}", param=f"{where}.role")
-        content, found = message_content(message.get("content"), f"{where}.content", model)
+        content, found = message_content(message.get("content"), f"{where}.content", model, image_urls)
         rendered.append({"role": ROLES[role], "content": content})
         images += found
     try:
@@ -111,9 +113,10 @@ def chat_ids(body: dict, model: DiffusionGemma) -> tuple[list[int], list]:
         raise ApiError(400, str(exc), param="messages") from None
 
 
-def message_content(content, where: str, model: DiffusionGemma) -> tuple[str | list, list]:
+def message_content(content, where: str, model: DiffusionGemma, image_urls: bool = False) -> tuple[str | list, list]:
     """A message's content for the chat template (a string, or parts with {"type": "image"} where images go) and
-    its images, decoded: OpenAI's text parts and `image_url` parts with base64 `data:` URLs."""
+    its images, decoded: OpenAI's text parts and `image_url` parts with base64 `data:` URLs (or, with
+    `image_urls`, http(s) URLs)."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
@@ -123,7 +126,7 @@ def message_content(content, where: str, model: DiffusionGemma) -> tuple[str | l
         if part.get("type") == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
         elif part.get("type") == "image_url":
-            images.append(image_from_url(part.get("image_url"), f"{where}[{i}].image_url", model))
+            images.append(image_from_url(part.get("image_url"), f"{where}[{i}].image_url", model, image_urls))
             parts.append({"type": "image"})
         else:
             raise ApiError(400, f"{where}[{i}] must be a text part or an image_url part", param=f"{where}[{i}]")
@@ -132,29 +135,49 @@ def message_content(content, where: str, model: DiffusionGemma) -> tuple[str | l
     return parts, images
 
 
-def image_from_url(value, where: str, model: DiffusionGemma):
-    """A decoded image from an image_url part: only base64 data: URLs (a server that fetched URLs would reach
-    whatever its network reaches on a client's behalf)."""
+def image_from_url(value, where: str, model: DiffusionGemma, fetch: bool = False):
+    """A decoded image from an image_url part: a base64 data: URL, or with `fetch` an http(s) URL (off by default:
+    a server that fetches URLs reaches whatever its network reaches on a client's behalf)."""
     import base64
     import binascii
 
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):
         raise ApiError(400, f"{where} must be {{\"url\": \"data:image/...;base64,...\"}}", param=where)
-    if not url.startswith("data:"):
+    if url.startswith(("http://", "https://")) and fetch:
+        raw = fetch_image(url, where)
+    elif not url.startswith("data:"):
         raise ApiError(400, f"{where}: this server does not fetch image URLs; send the image inline as a base64 "
-                       "data: URL", param=where)
-    header, _, data = url.partition(",")
-    if not header.endswith(";base64"):
-        raise ApiError(400, f"{where}: the data: URL must be base64 (data:image/png;base64,...)", param=where)
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where}: the data: URL's base64 does not decode", param=where) from None
+                       "data: URL (or start dg-serve with --allow-image-urls)", param=where)
+    else:
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, f"{where}: the data: URL must be base64 (data:image/png;base64,...)", param=where)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: the data: URL's base64 does not decode", param=where) from None
     try:
         return model.open_images([raw])[0]
     except UserError as exc:
         raise ApiError(400, f"{where}: {exc}", param=where) from None
+
+
+def fetch_image(url: str, where: str) -> bytes:
+    """An image's bytes from an http(s) URL, within IMAGE_URL_TIMEOUT seconds and MAX_IMAGE_URL_BYTES."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "dg-serve"}),
+                                    timeout=IMAGE_URL_TIMEOUT) as response:
+            raw = response.read(MAX_IMAGE_URL_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise ApiError(400, f"{where}: could not fetch {url} ({reason})", param=where) from None
+    if len(raw) > MAX_IMAGE_URL_BYTES:
+        raise ApiError(400, f"{where}: {url} is over {MAX_IMAGE_URL_BYTES >> 20} MB", param=where)
+    return raw
 
 
 def prompt_ids(body: dict, model: DiffusionGemma) -> list[int]:

@@ -5,6 +5,8 @@ and generation with images in the prompt against its `generate` with the same no
 
 import copy
 import json
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -306,6 +308,13 @@ def test_dg_serve_takes_image_url_parts(with_images, tmp_path):
                 ask(data_url(data))
         with pytest.raises(BadRequestError, match="does not fetch image URLs"):
             ask("https://example.com/cat.png")
+    with serving(runtime, image_urls=True) as url, serving_files({"/cat.png": encoded(picture, "PNG"),
+                                                                 "/big.png": b"x" * (33 << 20)}) as files:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        assert ask(f"{files}/cat.png") == expected
+        for path, message in (("/missing.png", "could not fetch .*Not Found"), ("/big.png", "is over 32 MB")):
+            with pytest.raises(BadRequestError, match=message):
+                ask(files + path)
     text_only = export(artifact.parent / "checkpoint", tmp_path / "text.dg", formats=["onnx"], text_only=True,
                        validation=None)
     with serving(DiffusionGemma(text_only)) as url:
@@ -313,6 +322,31 @@ def test_dg_serve_takes_image_url_parts(with_images, tmp_path):
             OpenAI(base_url=f"{url}/v1", api_key="unused").chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": data_url(encoded(picture, "PNG"))}}]}])
+
+
+@contextmanager
+def serving_files(files: dict):
+    """A local HTTP server answering GET for these paths (bytes); yields its base URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            found = files.get(self.path)
+            self.send_response(200 if found is not None else 404)
+            self.send_header("Content-Length", str(len(found or b"")))
+            self.end_headers()
+            self.wfile.write(found or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
 
 
 def test_the_page_sends_an_image(with_images, tmp_path, browser):
