@@ -164,13 +164,19 @@ def image_from_url(value, where: str, model: DiffusionGemma, fetch: bool = False
 
 
 def fetch_image(url: str, where: str) -> bytes:
-    """An image's bytes from an http(s) URL, within IMAGE_URL_TIMEOUT seconds and MAX_IMAGE_URL_BYTES."""
+    """An image's bytes from an http(s) URL, within IMAGE_URL_TIMEOUT seconds and MAX_IMAGE_URL_BYTES; redirects
+    only to http(s) (urllib would also follow one to ftp)."""
     import urllib.error
     import urllib.request
 
+    class HttpRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, message, headers, new_url):
+            return super().redirect_request(request, fp, code, message, headers, new_url) if new_url.startswith(
+                ("http://", "https://")) else None
+
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "dg-serve"}),
-                                    timeout=IMAGE_URL_TIMEOUT) as response:
+        with urllib.request.build_opener(HttpRedirects).open(
+                urllib.request.Request(url, headers={"User-Agent": "dg-serve"}), timeout=IMAGE_URL_TIMEOUT) as response:
             raw = response.read(MAX_IMAGE_URL_BYTES + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc

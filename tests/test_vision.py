@@ -309,10 +309,12 @@ def test_dg_serve_takes_image_url_parts(with_images, tmp_path):
         with pytest.raises(BadRequestError, match="does not fetch image URLs"):
             ask("https://example.com/cat.png")
     with serving(runtime, image_urls=True) as url, serving_files({"/cat.png": encoded(picture, "PNG"),
-                                                                 "/big.png": b"x" * (33 << 20)}) as files:
+                                                                 "/big.png": b"x" * (33 << 20),
+                                                                 "/ftp.png": "ftp://127.0.0.1/cat.png"}) as files:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         assert ask(f"{files}/cat.png") == expected
-        for path, message in (("/missing.png", "could not fetch .*Not Found"), ("/big.png", "is over 32 MB")):
+        for path, message in (("/missing.png", "could not fetch .*Not Found"), ("/big.png", "is over 32 MB"),
+                              ("/ftp.png", "could not fetch .*Found")):  # a redirect off http(s) is not followed
             with pytest.raises(BadRequestError, match=message):
                 ask(files + path)
     text_only = export(artifact.parent / "checkpoint", tmp_path / "text.dg", formats=["onnx"], text_only=True,
@@ -326,16 +328,19 @@ def test_dg_serve_takes_image_url_parts(with_images, tmp_path):
 
 @contextmanager
 def serving_files(files: dict):
-    """A local HTTP server answering GET for these paths (bytes); yields its base URL."""
+    """A local HTTP server answering GET for these paths (bytes, or a URL to redirect to); yields its base URL."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
+        def do_GET(self):  # bytes are the body, a string is where to go instead
             found = files.get(self.path)
-            self.send_response(200 if found is not None else 404)
-            self.send_header("Content-Length", str(len(found or b"")))
+            self.send_response(200 if isinstance(found, bytes) else 302 if found else 404)
+            if isinstance(found, str):
+                self.send_header("Location", found)
+            body = found if isinstance(found, bytes) else b""
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(found or b"")
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
