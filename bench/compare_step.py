@@ -1,6 +1,7 @@
 """The denoising step of a 26B-wide stand-in, this tree against an earlier commit, in one run.
 
     python bench/compare_step.py [--base d3cb8a7] [--layers 6] [--steps 5] [--backends onnxruntime,openvino]
+                                 [--openvino-bf16]
 
 The earlier commit's packages are unpacked from git into the cache and imported instead of this tree's (a path of
 links named dg_export, dg_runtime, ... put first); each side exports the same stand-in (the published config's
@@ -9,6 +10,7 @@ widths, 128 experts top-8, 262,144-token vocabulary, its first `--layers` layers
 and a second start of the same artifact): load, prefill a 1,000-token prompt, then one block of the runtime's
 8 warm-up steps plus `--steps` more, never stopping early; the step is the median time between the last steps'
 drafts (the graph and the loop). Printed: load, prefill, step, and the ratio of the two sides' steps.
+`--openvino-bf16` adds this tree's OpenVINO runs with bf16 inference precision (`precision="bf16"`).
 """
 
 import argparse
@@ -33,6 +35,8 @@ import numpy as np
 from dg_runtime import DiffusionGemma, Settings
 artifact, backend, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 options = {"verify": False}  # both sides: no sha256 in the load time
+if len(sys.argv) > 4:
+    options["precision"] = sys.argv[4]
 if "memory_upkeep" in inspect.signature(DiffusionGemma).parameters:
     options["memory_upkeep"] = True  # what the earlier code always did
 started = time.perf_counter()
@@ -88,6 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backends", default="onnxruntime,openvino")
+    parser.add_argument("--openvino-bf16", action="store_true", help="also this tree's OpenVINO at bf16 precision")
     args = parser.parse_args(argv)
     from dg_export.builtin import cache_dir
 
@@ -105,19 +110,22 @@ def main(argv=None) -> None:
                          "cpu-int4-mixed", "--no-validate", "--overwrite")
             if export.returncode != 0:
                 raise SystemExit(f"export with {side} failed:\n{export.stderr[-3000:]}")
-        for backend in args.backends.split(","):
+        runs = [(backend, ()) for backend in args.backends.split(",")]
+        if code is None and args.openvino_bf16:
+            runs.append(("openvino", ("bf16",)))
+        for backend, precision in runs:
             for start in ("first", "second"):
-                print(f"{side}, {backend}, {start} start ...", file=sys.stderr, flush=True)
-                done = run(code, "-c", WORKER, str(artifact), backend, str(args.steps))
+                print(f"{side}, {backend} {' '.join(precision)}, {start} start ...", file=sys.stderr, flush=True)
+                done = run(code, "-c", WORKER, str(artifact), backend, str(args.steps), *precision)
                 if done.returncode != 0:
                     raise SystemExit(f"{side} on {backend} failed:\n{done.stderr[-3000:]}")
-                rows[side, backend, start] = json.loads(done.stdout.strip().splitlines()[-1])
+                rows[side, " ".join((backend, *precision)), start] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\n26B-wide stand-in, {args.layers} layers, cpu-int4-mixed, {PROMPT_TOKENS}-token prompt; step: median of "
           f"{args.steps} after {WARMUP} warm-up steps (graph and loop)\n")
     print("| code | backend | start | load s | prefill s | step s | step vs base |")
     print("|---|---|---|---:|---:|---:|---:|")
     for (side, backend, start), figures in rows.items():
-        base = rows[args.base, backend, "second"]["step_s"]
+        base = rows[args.base, backend.split()[0], "second"]["step_s"]
         print(f"| {side} | {backend} | {start} | {figures['load_s']:.1f} | {figures['prefill_s']:.1f} | "
               f"{figures['step_s']:.2f} | {base / figures['step_s']:.2f}x |")
 
