@@ -20,7 +20,7 @@ import numpy as np
 from dg_runtime import Block, DiffusionGemma, Done, Draft, Settings, UserError
 
 from .openai_api import API_NAMES
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, image_digest
 
 log = logging.getLogger("dg_serve")
 
@@ -109,11 +109,11 @@ class Engine:
             self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - started)
 
     def _generate(self, job: Job) -> None:
-        # An image's tokens are the same ids whatever its pixels: a prompt with images is not a prefix to share
-        cache, cached = self.prefix_cache.longest_prefix(job.ids) if not job.images else (None, 0)
+        digests = tuple(image_digest(image) for image in job.images)
+        cache, cached, cached_images = self.prefix_cache.longest_prefix(job.ids, digests)
         cache = cache or self.model.new_cache(1)  # the runtime appends to it in place as it encodes
         events = self.model.stream(np.array([job.ids[cached:]], dtype=np.int64), settings=job.settings, seed=job.seed,
-                                   cache=cache, images=job.images)
+                                   cache=cache, images=job.images[cached_images:])
         job.emit(Started(cached))
         encoded = list(job.ids)  # what the cache holds once a block's first step has run
         for event in events:
@@ -121,8 +121,8 @@ class Engine:
                 events.close()
                 self.counts["cancelled"] += 1
                 return
-            if isinstance(event, Draft) and event.step == 1 and not job.images:
-                self.prefix_cache.add(encoded, cache)
+            if isinstance(event, Draft) and event.step == 1:
+                self.prefix_cache.add(encoded, cache, digests)
             elif isinstance(event, Block):
                 encoded += event.tokens[0].tolist()
             elif isinstance(event, Done):

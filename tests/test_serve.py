@@ -254,14 +254,27 @@ def test_prefix_cache_keeps_the_longest_prefix_within_its_budget():
     prefixes = PrefixCache(max_bytes=10 * per_token)
     prefixes.add([1, 2], cache_of([1, 2]))
     prefixes.add([1, 2, 3, 4], cache_of([1, 2, 3, 4]))
-    cache, length = prefixes.longest_prefix([1, 2, 3, 4, 5])
-    assert length == 4 and cache.length == 4
+    cache, length, images = prefixes.longest_prefix([1, 2, 3, 4, 5])
+    assert length == 4 and cache.length == 4 and images == 0
     assert prefixes.longest_prefix([1, 2, 3, 4])[1] == 2  # at least one token is left to encode
     assert prefixes.longest_prefix([9, 1, 2])[1] == 0
     cache.append([np.zeros((1, 1, 1, 4), np.float32)] * 2, 1)  # a copy: the stored one is unchanged
     assert prefixes.longest_prefix([1, 2, 3, 4, 5])[0].length == 4
     prefixes.add([7, 7, 7, 7, 7], cache_of([7] * 5))  # over the budget: the least recently used goes
     assert prefixes.bytes <= 10 * per_token and prefixes.longest_prefix([1, 2, 3])[1] == 0
+
+
+def test_prefix_cache_matches_images_by_their_pixels():
+    """Image tokens are the same ids whatever the image: a kept sequence with images matches only the same images,
+    and says how many of the prompt's images it holds."""
+    layout = [{"type": "full_attention", "kv_heads": 1, "head_dim": 4}]
+    cache = KVCache(layout, 8, 1)
+    cache.append([np.zeros((1, 1, 3, 4), np.float32)] * 2, 3)
+    prefixes = PrefixCache(max_bytes=1 << 20)
+    prefixes.add([5, 9, 9], cache, ("cat",))
+    assert prefixes.longest_prefix([5, 9, 9, 6], ("cat",))[1:] == (3, 1)
+    assert prefixes.longest_prefix([5, 9, 9, 6, 9, 9], ("cat", "dog"))[1:] == (3, 1)
+    assert prefixes.longest_prefix([5, 9, 9, 6], ("dog",))[1:] == (0, 0)
 
 
 @pytest.mark.parametrize("args,message", [

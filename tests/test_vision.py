@@ -302,7 +302,20 @@ def test_dg_serve_takes_image_url_parts(with_images, tmp_path):
                                                   seed=seed).choices[0].message.content
 
         assert ask(data_url(encoded(picture, "PNG"))) == expected
-        assert ask(data_url(encoded(picture, "PNG"))) == expected  # no prefix cache for images: the same again
+        assert ask(data_url(encoded(picture, "PNG"))) == expected  # the same again
+        # a later turn resends the picture: its tokens come from the prefix cache, the answer is a cold run's
+        first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(encoded(
+            picture, "PNG"))}}, {"type": "text", "text": "what is this?"}]}]
+        for image, cached in ((picture, True), (random_picture(40, 60, 9), False)):  # same size, other pixels
+            second = [{**first[0], "content": [{"type": "image_url", "image_url": {"url": data_url(encoded(
+                image, "PNG"))}}, first[0]["content"][1]]}, {"role": "assistant", "content": expected},
+                      {"role": "user", "content": "and now?"}]
+            answer = client.chat.completions.create(model="demo", messages=second, seed=5)
+            history = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                    {"type": "text", "text": "what is this?"}]}, second[1]]
+            assert answer.choices[0].message.content == Chat(runtime, messages=history).send("and now?", seed=5)
+            assert answer.usage.prompt_tokens_details.cached_tokens == (
+                len(runtime.prompt_ids("what is this?", images=[image])) if cached else 0)
         for case, (data, message) in BAD.items():
             with pytest.raises(BadRequestError, match=message):
                 ask(data_url(data))
