@@ -360,7 +360,9 @@ def write_artifact(source: Source, recipe: dict, precision: Precision, formats: 
         write_manifest(staging, manifest)
     seconds = progress.close()
     size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
-    return (f"{', '.join(formats)} graphs, {params / 1e6:.2f} M text parameters, {size / 1e6:.1f} MB on disk, "
+    tower = sum(int(np.prod(shape)) for name, shape in shapes.items() if role_of(name) == "vision")
+    return (f"{', '.join(formats)} graphs, {(params - tower) / 1e6:.2f} M text parameters"
+            f"{f' + {tower / 1e6:.2f} M in the vision tower' if tower else ''}, {size / 1e6:.1f} MB on disk, "
             f"{seconds:.0f} s")
 
 

@@ -104,12 +104,12 @@ class SyntheticCheckpoint:
 
 
 def write_checkpoint(folder: Path, config, dtype: str = "bf16", shard_bytes: int = 2 << 30, seed: int = 0,
-                     embedding_std: float | None = None, progress=None) -> Path:
+                     embedding_std: float | None = None, progress=None, images: bool = False) -> Path:
     """config.json, generation_config.json, a byte-level tokenizer and sharded safetensors (+ index) in `folder`,
-    holding exactly the tensors of SyntheticCheckpoint(config, dtype, seed, embedding_std)."""
+    holding exactly the tensors of SyntheticCheckpoint(config, dtype, seed, embedding_std, images)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    source = SyntheticCheckpoint(config, dtype, seed, embedding_std)
+    source = SyntheticCheckpoint(config, dtype, seed, embedding_std, images)
     st_dtype, itemsize = SAFETENSORS_DTYPES[dtype]
     shards, current, size = [], [], 0
     for name in source.names():

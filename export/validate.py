@@ -409,9 +409,9 @@ def check_vision_components(check, config, weights, target: str, rng) -> None:
                                 if name.split(".")[-1] not in ("inv_freq", "original_inv_freq")}, strict=False)
         return module
 
-    def component(name: str, inputs: list[dict], build, feeds: dict, reference) -> None:
+    def component(name: str, inputs: list[dict], build, feeds: dict, reference, output: dict = states) -> None:
         g = builder.Graph(name, weights, target)
-        g.add_output(build(g, *(g.add_input(e) for e in inputs)), {**states, "name": "output"})
+        g.add_output(build(g, *(g.add_input(e) for e in inputs)), {**output, "name": "output"})
         check(name, g, feeds, lambda tensor, dtype: {"output": reference(tensor, dtype).detach().numpy()})
 
     no_padding = torch.zeros(positions.shape[:2], dtype=torch.bool)
@@ -448,7 +448,8 @@ def check_vision_components(check, config, weights, target: str, rng) -> None:
         return loaded(embedder, vision.EMBEDDER, tensor, dtype)(x)
 
     component("vision.pooler+embed_vision", [states, patches], pooled, {"hidden_states": hidden,
-                                                                       "pixel_positions": positions}, pooled_reference)
+                                                                       "pixel_positions": positions}, pooled_reference,
+              {**states, "shape": [1, "image_tokens", v.text_hidden]})
 
 
 def component_count(config, images: bool = False) -> int:
