@@ -59,8 +59,8 @@ def add_output_options(parser) -> None:
     quant.add_argument("--sym", action="store_true", default=None,
                        help="symmetric int4 (no zero points; what NPUs ask for); default asymmetric")
     quant.add_argument("--vision-weight-format", choices=VISION_FORMATS,
-                       help="the vision tower's matrices (default fp32; int8: per output channel, a quarter of their bytes; its cost in "
-                            "the quality report)")
+                       help="the vision tower's matrices (default fp32; int8: per output channel, a quarter of "
+                            "their bytes; its cost in the quality report)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     parser.add_argument("--text-only", action="store_true",
                         help="leave the vision tower out (exported by default when the checkpoint has one)")
