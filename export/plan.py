@@ -4,6 +4,7 @@ The model is instantiated on the meta device, so parameter counts come from tran
 26B shape is planned in seconds and well under 2 GB.
 """
 
+import numpy as np
 import torch
 
 from .graphs import graph_specs, kv_layout
@@ -43,22 +44,26 @@ def count_parameters(config) -> dict:
     return counts
 
 
+def tower_shapes(config) -> dict[str, tuple]:
+    """The checkpoint tensors of the vision tower and its embedder, with their shapes."""
+    from dg_quantize.roles import role_of
+
+    from .weights import expected_shapes
+
+    return {name: shape for name, shape in expected_shapes(config, images=True).items() if role_of(name) == "vision"}
+
+
 def vision_parameters(config) -> dict:
     """The vision tower's and embedder's parameters: all, and those a patch multiplies (its matrices, less the
     position table and the embedder, which runs once per soft token)."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    with torch.device("meta"):
-        model = DiffusionGemmaForBlockDiffusion(config)
     counts = {"total": 0, "per_patch": 0, "per_token": 0}
-    for name, param in model.named_parameters():
-        if "vision" not in name:
-            continue
-        counts["total"] += param.numel()
-        if param.ndim == 2 and "embed_vision" not in name:
-            counts["per_patch"] += param.numel()
-        elif "embed_vision" in name:
-            counts["per_token"] += param.numel()
+    for name, shape in tower_shapes(config).items():
+        size = int(np.prod(shape))
+        counts["total"] += size
+        if "embed_vision" in name:
+            counts["per_token"] += size
+        elif len(shape) == 2:
+            counts["per_patch"] += size
     return counts
 
 
@@ -116,11 +121,9 @@ def tower_sizes(config) -> dict[str, int]:
     """The vision tower's stored bytes at each format --vision-weight-format offers."""
     from dg_quantize.roles import VISION_FORMATS, Precision
 
-    from .synthetic import text_tensor_shapes
     from .weights import stored_size
 
-    shapes = {name: shape for name, shape in text_tensor_shapes(config, images=True).items() if "vision" in name}
-    sizes = {}
+    shapes, sizes = tower_shapes(config), {}
     for format_ in VISION_FORMATS:
         precision = Precision("fp32", vision=format_)
         sizes[format_] = sum(stored_size(shape, precision.scheme(name, shape)) for name, shape in shapes.items())
