@@ -1,7 +1,7 @@
 """Train an embedded demo model from scratch on this machine's CPU.
 
     python bench/train_demo.py [--model tiny|canvas256] [--out FOLDER] [--steps N] [--seed 0]
-    python bench/train_demo.py --model canvas256 --init FOLDER --focus KIND --steps N --lr LR   # fine-tune
+    python bench/train_demo.py --model canvas256 --init FOLDER --steps N --lr LR [--focus KIND] [--label-smoothing E]
 
 `tiny` (export/demo/checkpoint): four short tasks with exact answers, a 32-token canvas. `canvas256`
 (export/demo/canvas256): transformations of 240-character passages of the Python standard library's docstrings
@@ -15,7 +15,8 @@ Answers longer than a canvas are trained block by block, with the earlier blocks
 transitions and EOS-then-pad are learned; for `tiny` a third of the prompts are second turns of a chat.
 
 `--init` starts from a checkpoint of the same shape instead of random weights (a task added to a trained model);
-`--focus KIND` makes half of the batches that kind's, the rest drawn from every kind as usual.
+`--focus KIND` makes half of the batches that kind's, the rest drawn from every kind as usual. canvas256's default
+run has a second stage with label smoothing (CALIBRATION), from the first one's weights.
 """
 
 import argparse
@@ -44,6 +45,10 @@ MODELS = {
                         "num_key_value_heads": 2, "global_head_dim": 96, "moe_intermediate_size": 192,
                         "sliding_window": 512}, 4000, 8, 2e-3),
 }
+# model -> a second stage from the first one's weights: steps, learning rate, label smoothing. canvas256's first stage
+# ends with near-zero entropies on its transformations, so the sampler accepts a whole canvas at once; label smoothing
+# gives its probabilities the floor a large model's have, and its steps per block spread (docs/benchmarks.md).
+CALIBRATION = {"canvas256": (500, 5e-4, 0.03)}
 
 
 def tiny_rows(rng: random.Random, codec: TextCodec, batch: int, excluded: set) -> list[tuple[list, list]]:
@@ -93,7 +98,7 @@ def add_noise(targets: torch.Tensor, vocab: int, generator: torch.Generator) -> 
 
 
 def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, save_every: int,
-          init: Path | None = None, focus: str | None = None) -> None:
+          init: Path | None = None, focus: str | None = None, label_smoothing: float = 0.0) -> None:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     canvas, overrides = MODELS[name][:2]
@@ -134,7 +139,7 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, sa
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (staging / "training.json").write_text(json.dumps(
             {"model": name, "steps": done, "of": steps, "seed": seed, "batch": batch, "lr": lr,
-             "canvas_length": canvas, "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
+             "canvas_length": canvas, "label_smoothing": label_smoothing, "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
              "seconds": round(time.perf_counter() - started),
              **({"init": earlier, "focus": focus} if init is not None else {})}, indent=2) + "\n")
 
@@ -147,7 +152,8 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, sa
                 temperature = 0.4 + 0.4 * torch.rand(1, generator=generator).item()
                 self_conditioning = model(input_ids=inputs, decoder_input_ids=noisy).logits / temperature
         logits = model(input_ids=inputs, decoder_input_ids=noisy, self_conditioning_logits=self_conditioning).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1),
+                                               label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -176,12 +182,16 @@ def main(argv=None) -> None:
     parser.add_argument("--save-every", type=int, default=500, help="steps between snapshots in OUT.partial")
     parser.add_argument("--init", type=Path, help="start from this checkpoint (same model) instead of random weights")
     parser.add_argument("--focus", choices=prose.KINDS, help="half of the batches of this kind (canvas256)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="of the loss (a fine-tune's)")
     args = parser.parse_args(argv)
     steps, batch, lr = MODELS[args.model][2:]
     out = args.out or (DEMO_CHECKPOINT if args.model == "tiny" else DEMO_CHECKPOINT.parent / args.model)
     torch.set_num_threads(2)
     train(args.model, out, args.steps or steps, args.seed, args.batch or batch, args.lr or lr, args.save_every,
-          args.init, args.focus)
+          args.init, args.focus, args.label_smoothing)
+    if args.model in CALIBRATION and args.init is None and args.steps is None:
+        steps, lr, label_smoothing = CALIBRATION[args.model]
+        train(args.model, out, steps, args.seed, args.batch or batch, lr, args.save_every, out, None, label_smoothing)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ def parse_args(argv):
     parser.add_argument("--confidence-threshold", type=float)
     parser.add_argument("--fast", action="store_true", default=None,
                         help="fast mode: freeze settled positions and compute only the others (not token-exact)")
-    parser.add_argument("--freeze-after", type=int, help="fast mode: steps a position is accepted with the same token "
-                        "before it freezes (default 2)")
+    parser.add_argument("--freeze-after", type=int, help="fast mode: steps in a row a position's argmax must hold "
+                        "before it freezes with it (default 2)")
     parser.add_argument("--refresh-every", type=int, help="fast mode: run the whole canvas every N steps (default 0: "
                         "never)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")

@@ -43,7 +43,7 @@ class Settings:
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
     fast: bool = False  # freeze settled positions and compute only the others (see DiffusionGemma._denoise)
-    freeze_after: int = 2  # fast mode: accepted with the same token this many steps in a row, a position freezes
+    freeze_after: int = 2  # fast mode: a position whose argmax held this many steps in a row freezes with it
     refresh_every: int = 0  # fast mode: every this many steps the whole canvas runs again (0: never)
 
     @classmethod
@@ -342,10 +342,10 @@ class DiffusionGemma:
         """The denoising steps of one block: yields a Draft per step, returns (argmax canvas, steps, graph seconds,
         canvas positions computed).
 
-        Fast mode (`settings.fast`, one row) freezes a position once it was accepted with the same token
-        `freeze_after` steps in a row: it keeps that token, is no longer renoised, and later steps run only the other
-        positions, with the frozen ones' keys and values (from the last step that computed them) added to the past;
-        every `refresh_every` steps (0: never) a step runs the whole canvas again. The exact mode never freezes."""
+        Fast mode (`settings.fast`, one row) freezes a position once its argmax was the same `freeze_after` steps in
+        a row: it takes that token, is no longer renoised, and after one more step (which computes its keys and values
+        from that token) later steps run only the other positions, with the frozen ones' keys and values added to the
+        past; every `refresh_every` steps (0: never) a step runs the whole canvas again. The exact mode never freezes."""
         shape = (cache.batch, self.canvas_length)
         canvas = noise.tokens(shape, self.vocab_size)
         argmax = canvas
@@ -354,6 +354,7 @@ class DiffusionGemma:
         stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold, shape)
         done = np.zeros(shape[0], dtype=bool)
         frozen, streak = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int64)
+        cached = np.zeros(shape, dtype=bool)  # frozen positions whose keys and values came from their frozen token
         kv = {}  # fast mode: present name -> [B, heads, canvas, dim], each position's last computed keys or values
         outputs = STEP_OUTPUTS + (self.graph.present_names if settings.fast else [])
         seconds, computed = 0.0, 0
@@ -363,13 +364,13 @@ class DiffusionGemma:
             t = np.array(temperature(step, settings.max_denoising_steps, settings.t_min, settings.t_max), np.float32)
             uniform = noise.uniforms(shape)
             refresh = settings.refresh_every and number % settings.refresh_every == 0
-            active = slice(None) if refresh or not frozen.any() else np.flatnonzero(~frozen[0])
+            active = slice(None) if refresh or not cached.any() else np.flatnonzero(~cached[0])
             feeds = self.graph.denoiser_feeds(cache, canvas[:, active], soft[:, active], positions[:, active], t,
                                               uniform[:, active])
             if isinstance(active, np.ndarray):  # the frozen positions join the past
                 for name, rows in kv.items():
                     past = name.replace("present.", "past.", 1)
-                    feeds[past] = np.concatenate([feeds[past], rows[:, :, frozen[0]]], axis=2)
+                    feeds[past] = np.concatenate([feeds[past], rows[:, :, cached[0]]], axis=2)
             started = time.perf_counter()
             new_argmax, sampled, entropy, new_soft, *presents = self.graph.run(outputs, feeds)
             seconds += time.perf_counter() - started
@@ -383,12 +384,15 @@ class DiffusionGemma:
                 kv[name] = scatter(kv.get(name, np.zeros((*part.shape[:2], shape[1], part.shape[3]), np.float32)),
                                    active, part, axis=2)
             computed += shape[1] if isinstance(active, slice) else len(active)
+            cached = frozen.copy()  # this step ran every frozen position with its token
 
             accepted = entropy_bound_accept(entropy, settings.entropy_bound) | frozen
             new_canvas = np.where(accepted, sampled, noise.tokens(shape, self.vocab_size))
-            if settings.fast:
-                streak = np.where(accepted, np.where(sampled == canvas, streak + 1, 1), 0)
-                frozen |= streak >= settings.freeze_after
+            if settings.fast:  # a position whose argmax held freeze_after steps in a row freezes with that token
+                streak = np.where((new_argmax == argmax) & (number > 1), streak + 1, 1)
+                newly = (streak >= settings.freeze_after) & ~frozen
+                new_canvas = np.where(newly, new_argmax, new_canvas)
+                frozen |= newly
             # Rows that already stopped keep their state while the others go on.
             new_argmax = np.where(done[:, None], argmax, new_argmax)
             new_canvas = np.where(done[:, None], canvas, new_canvas)

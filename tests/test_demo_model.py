@@ -12,12 +12,13 @@ from dg_runtime import NoiseSource, load
 from dg_runtime.streamer import reply_tokens
 
 # the held-out seed (training excluded these); canvas256's problems fill whole 256-token canvases, so fewer of them
-COUNTS = {"tiny": 40, "canvas256": 20}
+COUNTS = {"tiny": 40, "canvas256": 12}
 
 
 @pytest.fixture(scope="module", params=list(COUNTS))
 def demo(request, tmp_path_factory, demo_artifact):
-    """(name, artifact, held-out problems, transformers' answers, transformers' tokens per forward)."""
+    """(name, artifact, held-out problems, transformers' answers, and per problem its tokens per forward and steps
+    per block as transformers counts them)."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -27,27 +28,32 @@ def demo(request, tmp_path_factory, demo_artifact):
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(builtin_checkpoint(f"builtin:{name}"),
                                                             dtype=torch.float32).eval()
     runtime = load(artifact)
-    answers, rates = [], []
+    answers, rates, steps = [], [], []
     for seed, (prompt, _, _) in enumerate(held_out):
         tokens, recorder = generate_with_noise(model, np.array([runtime.prompt_ids(prompt)]), runtime.defaults,
                                                NoiseSource(seed))
         answers.append(runtime.text.decode(reply_tokens(tokens[0], runtime.eos_ids, runtime.pad_id)))
-        rates.append(int((tokens[0] != runtime.pad_id).sum()) / len(recorder.logits))  # as transformers counts
-    return name, artifact, held_out, answers, float(np.mean(rates))
+        rates.append(int((tokens[0] != runtime.pad_id).sum()) / len(recorder.logits))
+        steps.append(len(recorder.logits) * runtime.canvas_length / tokens.shape[1])
+    return name, artifact, held_out, answers, rates, steps
 
 
 def test_solves_held_out_problems_with_default_settings(demo):
-    name, _, held_out, answers, tokens_per_forward = demo
+    name, _, held_out, answers, tokens_per_forward, steps_per_block = demo
     checked = [(a, answer) for a, (_, answer, _) in zip(answers, held_out) if answer is not None]
     assert len(checked) >= 0.6 * len(held_out)
     assert np.mean([a == answer for a, answer in checked]) >= 0.9, [
         (a, answer) for a, answer in checked if a != answer][:2]
-    assert tokens_per_forward >= {"tiny": 4, "canvas256": 20}[name]
+    if name == "tiny":  # two steps a block
+        assert np.mean(tokens_per_forward) >= 4
+    else:  # the published model's regime: tens of steps a 256-token block, not a canvas accepted at once
+        checkable = [s for s, (_, answer, _) in zip(steps_per_block, held_out) if answer is not None]
+        assert 10 <= np.median(checkable) <= 40, checkable
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_artifacts_answer_as_transformers_does(demo, backend):
-    _, artifact, held_out, reference, _ = demo
+    _, artifact, held_out, reference, _, _ = demo
     model = load(artifact, backend=backend)
     answers = [model.generate_text(prompt, seed=seed) for seed, (prompt, _, _) in enumerate(held_out)]
     assert sum(a == b for a, b in zip(answers, reference)) >= 0.95 * len(held_out)

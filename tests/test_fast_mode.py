@@ -5,7 +5,7 @@ run); what it changes is opt-in and measured elsewhere (bench/fast_mode.py)."""
 import numpy as np
 import pytest
 
-from dg_runtime import Settings, SettingError, load
+from dg_runtime import Draft, Settings, SettingError, load
 from dg_runtime.backends import open_graph
 from dg_runtime.graph import STEP_OUTPUTS, ModelGraph
 from dg_runtime.kv_cache import KVCache
@@ -50,6 +50,22 @@ def test_fast_mode_freezes_and_computes_less(exported, backend):
         assert done.tokens.shape[1] <= settings.max_new_tokens and (done.tokens < model.vocab_size).all()
     exact = model.generate([[5, 6, 7, 8, 9]], settings=Settings(**{**vars(settings), "fast": False}), seed=0)
     assert exact.stats.canvas_computed == 1
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_position_whose_argmax_held_keeps_it(exported, backend):
+    _, artifact = exported("window8-top2", confident=True)
+    model = load(artifact, backend=backend)
+    settings = Settings(max_new_tokens=model.canvas_length, max_denoising_steps=16, entropy_bound=1.0, t_max=0.5,
+                        t_min=0.1, stability_threshold=16, fast=True, freeze_after=2)
+    for seed in range(3):
+        drafts = np.array([e.canvas[0] for e in model.stream([[5, 6, 7, 8, 9]], settings=settings, seed=seed)
+                           if isinstance(e, Draft)])
+        held = np.r_[np.zeros((1, drafts.shape[1]), bool), drafts[1:] == drafts[:-1]]  # same as the step before
+        first = np.where(held.any(axis=0), held.argmax(axis=0), len(drafts))
+        assert (first < len(drafts) - 1).any()  # some froze before the end
+        for position in np.flatnonzero(first < len(drafts)):
+            assert (drafts[first[position]:, position] == drafts[first[position], position]).all(), (seed, position)
 
 
 def test_fast_mode_is_refused_where_it_cannot_apply(exported):
