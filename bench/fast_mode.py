@@ -135,11 +135,13 @@ def main(argv=None) -> None:
         return
     artifact = args.artifact
     if artifact is None:
+        from benchmark import is_current
+
         from dg_export import export
-        from dg_export.builtin import cache_dir
+        from dg_export.builtin import builtin_checkpoint, cache_dir
 
         artifact = cache_dir() / "canvas256.dg"
-        if not (artifact / "manifest.json").is_file():
+        if not is_current(artifact, builtin_checkpoint("builtin:canvas256")):
             export("builtin:canvas256", artifact, overwrite=True)
     quality(artifact, args.problems, args.freeze_after, args.refresh_every)
 

@@ -45,7 +45,7 @@ class Counting:
 
 def artifacts(model: str) -> dict[str, Path]:
     from dg_export import export
-    from dg_export.builtin import cache_dir
+    from dg_export.builtin import builtin_checkpoint, cache_dir
     from dg_export.recipes import load_recipe
 
     recipe = load_recipe("igpu-int4")
@@ -55,7 +55,7 @@ def artifacts(model: str) -> dict[str, Path]:
     found = {}
     for kind, chosen in (("stateless", str(stateless)), ("state", "igpu-int4")):
         found[kind] = cache_dir() / f"bench-kv-{model}-{kind}.dg"
-        if not is_current(found[kind]):
+        if not is_current(found[kind], builtin_checkpoint(f"builtin:{model}")):
             export(f"builtin:{model}", found[kind], recipe=chosen, overwrite=True)
     return found
 
