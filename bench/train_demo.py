@@ -139,7 +139,8 @@ def train(name: str, out: Path, steps: int, seed: int, batch: int, lr: float, sa
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (staging / "training.json").write_text(json.dumps(
             {"model": name, "steps": done, "of": steps, "seed": seed, "batch": batch, "lr": lr,
-             "canvas_length": canvas, "label_smoothing": label_smoothing, "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
+             "label_smoothing": label_smoothing, "canvas_length": canvas,
+             "tasks": sorted(TASKS) if name == "tiny" else list(prose.KINDS),
              "seconds": round(time.perf_counter() - started),
              **({"init": earlier, "focus": focus} if init is not None else {})}, indent=2) + "\n")
 
