@@ -59,6 +59,15 @@ def test_artifacts_answer_as_transformers_does(demo, backend):
     assert sum(a == b for a, b in zip(answers, reference)) >= 0.95 * len(held_out)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fast_mode_still_answers_exactly(demo, backend):
+    _, artifact, held_out, _, _, _ = demo
+    model = load(artifact, backend=backend)
+    checked = [(model.generate_text(prompt, seed=seed, fast=True), answer)
+               for seed, (prompt, answer, _) in enumerate(held_out) if answer is not None]
+    assert np.mean([a == answer for a, answer in checked]) >= 0.9, [(a, b) for a, b in checked if a != b][:2]
+
+
 def test_problems_are_seeded_and_checkable():
     assert problems("tiny", 7, 5) == problems("tiny", 7, 5) != problems("tiny", 8, 5)
     assert {kind for _, _, kind in problems("tiny", 0, 200)} == {"upper", "next", "greet", "shout"}
